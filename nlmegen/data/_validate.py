@@ -1,0 +1,248 @@
+"""Every check of an input event table, done once at load time.
+
+`validate` turns a raw table into a canonical record table (columns named by role, numbers parsed,
+EVID/MDV/CMT defaults applied, censoring resolved) or raises `DataError` naming the row and column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .._errors import DataError
+from ._columns import MISSING_TOKENS, NUMERIC, REQUIRED, ROLES, VALID_EVID
+
+__all__ = ["Locator", "TableRoles", "assign_roles", "validate"]
+
+
+@dataclass(frozen=True)
+class Locator:
+    """Turns a row position into the words a user can find the row with."""
+
+    labels: tuple
+    path: str | None = None
+
+    def __call__(self, pos: int) -> str:
+        text = f"row {self.labels[pos]!r}" if not isinstance(self.labels[pos], (int, np.integer)) else (
+            f"row {self.labels[pos]}"
+        )
+        if self.path is not None:
+            text += f" (line {pos + 2} of {self.path})"
+        return text
+
+
+@dataclass(frozen=True)
+class TableRoles:
+    """Which original column plays which role, and which columns are covariates."""
+
+    role_to_column: dict
+    covariates: tuple
+
+    def has(self, role: str) -> bool:
+        return role in self.role_to_column
+
+
+def assign_roles(table: pd.DataFrame, covariates: list[str] | None) -> TableRoles:
+    """Match columns to roles case-insensitively; every other column (or those named) is a covariate."""
+    seen: dict[str, str] = {}
+    for col in table.columns:
+        name = str(col)
+        upper = name.strip().upper()
+        if upper in seen:
+            raise DataError(f"columns {seen[upper]!r} and {name!r} differ only in case; rename one")
+        seen[upper] = name
+    role_to_column = {role: seen[role] for role in ROLES if role in seen}
+    for role in REQUIRED:
+        if role not in role_to_column:
+            raise DataError(f"missing required column {role} (columns present: {list(map(str, table.columns))})")
+    others = tuple(str(c) for c in table.columns if str(c).strip().upper() not in ROLES)
+    if covariates is None:
+        chosen = others
+    else:
+        chosen = tuple(covariates)
+        for name in chosen:
+            if name not in others:
+                raise DataError(f"covariate column {name!r} is not in the table (or is a NONMEM role column); "
+                                f"covariate candidates: {list(others)}")
+    return TableRoles(role_to_column, chosen)
+
+
+def _missing(series: pd.Series) -> np.ndarray:
+    raw = series.astype(object)
+    return np.array([v is None or (isinstance(v, float) and np.isnan(v)) or
+                     (isinstance(v, str) and v.strip() in MISSING_TOKENS) or v is pd.NA for v in raw])
+
+
+def _numeric(series: pd.Series, column: str, where: Locator) -> np.ndarray:
+    """Parse a column as float; NONMEM's '.' and blanks are missing; any other text is an error."""
+    missing = _missing(series)
+    values = pd.to_numeric(series.astype(object).where(~missing, np.nan), errors="coerce").to_numpy(float)
+    bad = np.flatnonzero(np.isnan(values) & ~missing)
+    if bad.size:
+        pos = int(bad[0])
+        raise DataError(f"{where(pos)}, column {column}: non-numeric value {series.iloc[pos]!r}")
+    inf = np.flatnonzero(np.isinf(values))
+    if inf.size:
+        raise DataError(f"{where(int(inf[0]))}, column {column}: infinite value")
+    return values
+
+
+def _fail(mask: np.ndarray, where: Locator, message: str) -> None:
+    bad = np.flatnonzero(mask)
+    if bad.size:
+        raise DataError(f"{where(int(bad[0]))}, {message}")
+
+
+def _ids(table: pd.DataFrame, roles: TableRoles, where: Locator) -> np.ndarray:
+    col = roles.role_to_column["ID"]
+    series = table[col]
+    missing = _missing(series)
+    _fail(missing, where, f"column {col}: missing subject ID")
+    ids = series.to_numpy(object)
+    numeric = pd.to_numeric(series.astype(object), errors="coerce")
+    if numeric.notna().all():  # numeric IDs stay numbers (1, 2, ...), integral ones as int
+        num = numeric.to_numpy(float)
+        ids = num.astype(np.int64).astype(object) if np.all(num == np.round(num)) else num.astype(object)
+    else:
+        ids = np.array([str(v).strip() for v in ids], dtype=object)
+    # a subject's records must be contiguous: NONMEM would silently start a new individual
+    change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+    starts = [ids[0], *ids[change]] if len(ids) else []
+    seen: set = set()
+    for pos, sid in zip([0, *change.tolist()], starts, strict=True):
+        if sid in seen:
+            raise DataError(f"{where(pos)}, column {col}: subject {sid!r} appears again after other subjects' "
+                            "records; sort the table by ID so each subject's records are together")
+        seen.add(sid)
+    return ids
+
+
+def _event_ids(num: dict, roles: TableRoles, n: int, where: Locator) -> np.ndarray:
+    amt = num["AMT"]
+    if roles.has("EVID"):
+        evid = num["EVID"]
+        col = roles.role_to_column["EVID"]
+        _fail(np.isnan(evid), where, f"column {col}: missing EVID")
+        _fail(~np.isin(evid, VALID_EVID), where,
+              f"column {col}: unknown EVID (allowed: 0 observation, 1 dose, 2 other, 3 reset, "
+              "4 reset and dose, 101 dose into CMT 1)")
+        evid = evid.astype(np.int64)
+    else:  # NONMEM's rule: records with AMT > 0 are doses
+        evid = np.where(amt > 0, 1, 0).astype(np.int64)
+        if roles.has("MDV"):
+            evid = np.where((evid == 0) & (num["MDV"] == 1), 2, evid)
+    if roles.has("MDV"):
+        mdv = num["MDV"]
+        col = roles.role_to_column["MDV"]
+        _fail(~np.isnan(mdv) & ~np.isin(mdv, (0, 1)), where, f"column {col}: MDV must be 0 or 1")
+        evid = np.where((evid == 0) & (mdv == 1), 2, evid)  # an EVID 0 record with MDV 1 is not an observation
+    return evid
+
+
+def _check_doses(num: dict, evid: np.ndarray, roles: TableRoles, where: Locator) -> None:
+    name = roles.role_to_column.get
+    dose = np.isin(evid, (1, 4, 101))
+    amt, rate, ii, addl, ss = num["AMT"], num["RATE"], num["II"], num["ADDL"], num["SS"]
+    _fail(amt < 0, where, f"column {name('AMT', 'AMT')}: negative amount")
+    const_infusion = (ss == 1) & (ii == 0) & (rate > 0)
+    _fail(dose & (np.isnan(amt) | ((amt == 0) & ~const_infusion)) if roles.has("AMT") else dose,
+          where, f"column {name('AMT', 'AMT')}: dose record (EVID {{1,4}}) without an amount")
+    _fail(~np.isin(ss, (0, 1, 2)), where, f"column {name('SS', 'SS')}: SS must be 0, 1 or 2")
+    _fail((addl < 0) | (addl != np.round(addl)), where,
+          f"column {name('ADDL', 'ADDL')}: ADDL must be a non-negative whole number")
+    _fail(ii < 0, where, f"column {name('II', 'II')}: negative interdose interval")
+    _fail((rate < 0) & ~np.isin(rate, (-1, -2)), where,
+          f"column {name('RATE', 'RATE')}: RATE must be >= 0, -1 (modelled rate) or -2 (modelled duration)")
+    _fail(dose & (addl > 0) & (ii <= 0), where,
+          f"columns {name('ADDL', 'ADDL')}/{name('II', 'II')}: conflicting ADDL > 0 with II = 0")
+    _fail(dose & (ss > 0) & (ii <= 0) & ~const_infusion, where,
+          f"columns {name('SS', 'SS')}/{name('II', 'II')}: conflicting steady-state dose without II "
+          "(only a constant infusion, RATE > 0 with AMT = 0, may have II = 0)")
+    _fail(dose & (ss > 0) & (ii == 0) & (addl > 0), where,
+          f"columns {name('SS', 'SS')}/{name('ADDL', 'ADDL')}: conflicting constant-infusion steady state with ADDL")
+    for role, values in (("RATE", rate), ("II", ii), ("ADDL", addl), ("SS", ss)):
+        _fail(~dose & (values != 0), where,
+              f"column {name(role, role)}: conflicting {role} on a record that is not a dose")
+
+
+def _censoring(num: dict, evid: np.ndarray, roles: TableRoles, where: Locator,
+               allow_missing_dv: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Resolve BLQ/CENS/LLOQ into (cens, limit) per record; check DV on observation records."""
+    dv = num["DV"]
+    obs = evid == 0
+    lloq = num["LLOQ"] if roles.has("LLOQ") else np.full(dv.shape, -np.inf)
+    cens = np.zeros(dv.shape, np.int64)
+    if roles.has("CENS"):
+        c = num["CENS"]
+        _fail(~np.isin(c, (-1, 0, 1)), where, f"column {roles.role_to_column['CENS']}: CENS must be -1, 0 or 1")
+        cens = c.astype(np.int64)
+    if roles.has("BLQ"):
+        b = num["BLQ"]
+        _fail(~np.isin(b, (0, 1)), where, f"column {roles.role_to_column['BLQ']}: BLQ must be 0 or 1")
+        cens = np.where(b == 1, 1, cens)
+    if roles.has("LLOQ") and not (roles.has("CENS") or roles.has("BLQ")):
+        cens = np.where(obs & (np.isnan(dv) | (dv < lloq)), 1, cens)
+    limit = np.where(cens == 1, np.where(np.isfinite(lloq), lloq, dv), np.where(cens == -1, dv, lloq))
+    limit = np.where(np.isnan(limit), -np.inf, limit)
+    _fail(obs & (cens != 0) & ~np.isfinite(limit), where,
+          f"column {roles.role_to_column['DV']}: censored observation without a limit (give DV or LLOQ)")
+    if not allow_missing_dv:
+        _fail(obs & (cens == 0) & np.isnan(dv), where,
+              f"column {roles.role_to_column['DV']}: missing (NaN) DV on an observation record "
+              "(set MDV=1 or EVID=2 if it is not an observation)")
+    return cens, limit
+
+
+def _dvid(table: pd.DataFrame, roles: TableRoles, where: Locator) -> np.ndarray:
+    if not roles.has("DVID"):
+        return np.full(len(table), "DV", dtype=object)
+    series = table[roles.role_to_column["DVID"]]
+    numeric = pd.to_numeric(series.astype(object), errors="coerce")
+    missing = _missing(series)
+    if numeric[~missing].notna().all():
+        vals = numeric.to_numpy(float)
+        return np.array(["" if np.isnan(v) else (str(int(v)) if v == int(v) else str(v)) for v in vals], object)
+    return np.array(["" if m else str(v).strip() for v, m in zip(series, missing, strict=True)], object)
+
+
+def validate(table: pd.DataFrame, roles: TableRoles, where: Locator, *,
+             allow_missing_dv: bool = False) -> pd.DataFrame:
+    """Check a raw event table and return the canonical record table (see module docstring)."""
+    if len(table) == 0:
+        raise DataError("the table has no rows")
+    num = {}
+    for role in NUMERIC:
+        if roles.has(role):
+            num[role] = _numeric(table[roles.role_to_column[role]], roles.role_to_column[role], where)
+    n = len(table)
+    for role, default in (("AMT", 0.0), ("RATE", 0.0), ("II", 0.0), ("ADDL", 0.0), ("SS", 0.0), ("CMT", np.nan)):
+        num[role] = np.nan_to_num(num[role], nan=default) if role in num and role != "CMT" else (
+            num.get(role, np.full(n, default)))
+    ids = _ids(table, roles, where)
+    time = num["TIME"]
+    tcol = roles.role_to_column["TIME"]
+    _fail(np.isnan(time), where, f"column {tcol}: missing TIME")
+    _fail(time < 0, where, f"column {tcol}: negative time")
+    same = np.r_[False, ids[1:] == ids[:-1]]
+    _fail(same & (time < np.r_[np.inf, time[:-1]]), where,
+          f"column {tcol}: time goes backwards within subject (times must be sorted within each ID)")
+    evid = _event_ids(num, roles, n, where)
+    _check_doses(num, evid, roles, where)
+    cmt = num["CMT"]
+    dose = np.isin(evid, (1, 4, 101))
+    cmt = np.where(evid == 101, 1, cmt)
+    cmt = np.where(dose & np.isnan(cmt), 1, cmt)
+    ccol = roles.role_to_column.get("CMT", "CMT")
+    _fail(dose & ((cmt < 1) | (cmt != np.round(cmt))), where,
+          f"column {ccol}: dose compartment must be a positive whole number (NONMEM numbering, 1 = first)")
+    cens, limit = _censoring(num, np.where(evid == 101, 1, evid), roles, where, allow_missing_dv)
+    out = pd.DataFrame({
+        "ID": ids, "TIME": time, "DV": num["DV"], "AMT": num["AMT"],
+        "EVID": np.where(evid == 101, 1, evid), "CMT": np.nan_to_num(cmt, nan=0).astype(np.int64),
+        "RATE": num["RATE"], "II": num["II"], "ADDL": num["ADDL"].astype(np.int64),
+        "SS": num["SS"].astype(np.int64), "DVID": _dvid(table, roles, where),
+        "CENS": cens, "LIMIT": limit, "POS": np.arange(n),
+    })
+    return out
