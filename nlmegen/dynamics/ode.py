@@ -1,0 +1,1 @@
+"""Placeholder until the ODE module lands (being written now)."""

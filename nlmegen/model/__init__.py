@@ -1,0 +1,19 @@
+"""The model contract: subject plate, observed sites, site discovery, the shared density."""
+
+from ._density import Density as Density
+from ._density import ParameterSpace as ParameterSpace
+from ._handlers import resample_observed as resample_observed
+from ._nn import nn as nn
+from ._observe import Censored as Censored
+from ._observe import additive as additive
+from ._observe import combined as combined
+from ._observe import observe as observe
+from ._observe import proportional as proportional
+from ._plate import SUBJECT_PLATE as SUBJECT_PLATE
+from ._plate import subjects as subjects
+from ._sites import Site as Site
+from ._sites import Sites as Sites
+from ._sites import discover as discover
+
+__all__ = ["SUBJECT_PLATE", "Censored", "Density", "ParameterSpace", "Site", "Sites", "additive", "combined",
+           "discover", "nn", "observe", "proportional", "resample_observed", "subjects"]

@@ -1,0 +1,185 @@
+"""Site discovery: which sites of a model are population parameters, random effects, observations.
+
+One abstract trace of the model (under `jax.eval_shape`, so no dynamics are computed) is read the
+way NumPyro's `infer.inspect.get_model_relations` does: a site's plates come from its
+``cond_indep_stack``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.infer.initialization import init_to_sample
+
+from .._errors import ModelError
+from ._observe import OBSERVE_TAG, OUTPUT_TAG
+from ._plate import SUBJECT_PLATE
+
+__all__ = ["Site", "Sites", "discover"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One site of the model.
+
+    ``shape`` is the value's full shape (population site) or its shape for one subject (random
+    effect, observed); ``support`` is the constraint the value lives in; ``kind`` is ``"sample"``
+    or ``"param"``; ``size`` the number of unconstrained scalars it contributes (per subject for
+    random effects).
+    """
+
+    name: str
+    shape: tuple
+    support: Any
+    kind: str = "sample"
+    size: int = 0
+    tree: Any = None  # pytree structure of a param site whose value is a pytree (e.g. NN weights)
+    leaf_shapes: tuple | None = None  # shapes of that pytree's leaves
+    output: int | None = None  # observed sites from nlmegen.observe: index of the output (None: all)
+
+
+@dataclass(frozen=True)
+class Sites:
+    """The model's sites by role, in program order."""
+
+    population: tuple[Site, ...]
+    random_effects: tuple[Site, ...]
+    observed: tuple[Site, ...]
+    deterministic: tuple[str, ...]
+    n_subjects: int
+
+    @property
+    def n_eta(self) -> int:
+        """Number of unconstrained random-effect scalars per subject."""
+        return sum(s.size for s in self.random_effects)
+
+    @property
+    def names(self) -> dict[str, str]:
+        """Site name -> role ("population", "random_effect", "observed", "deterministic")."""
+        out = {s.name: "population" for s in self.population}
+        out.update({s.name: "random_effect" for s in self.random_effects})
+        out.update({s.name: "observed" for s in self.observed})
+        out.update(dict.fromkeys(self.deterministic, "deterministic"))
+        return out
+
+
+def _abstract_trace(model, args, kwargs) -> dict:
+    captured: dict = {}
+
+    def run():
+        traced = handlers.trace(handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_sample))
+        tr = traced.get_trace(*args, **kwargs)
+        captured.update(_static_view(tr))
+        return ()
+
+    jax.eval_shape(run)
+    return captured
+
+
+def _static_view(trace: dict) -> dict:
+    """What discovery needs from each site, as plain Python (no tracers escape eval_shape)."""
+    view = {}
+    for name, site in trace.items():
+        if site["type"] not in ("sample", "param", "deterministic"):
+            continue
+        value = site["value"]
+        leaves, tree = jax.tree_util.tree_flatten(value)
+        entry = {
+            "type": site["type"],
+            "shape": tuple(np.shape(value)) if len(leaves) == 1 and tree.num_nodes == 1 else None,
+            "leaf_shapes": [tuple(np.shape(x)) for x in leaves],
+            "tree": tree,
+            "observed": bool(site.get("is_observed")),
+            "plates": [(f.name, f.dim, f.size) for f in site.get("cond_indep_stack", [])],
+            "tag": bool((site.get("infer") or {}).get(OBSERVE_TAG)),
+            "output": (site.get("infer") or {}).get(OUTPUT_TAG),
+        }
+        if site["type"] == "sample":
+            fn = site["fn"]
+            entry["support"] = fn.support
+            entry["event_shape"] = tuple(fn.event_shape)
+        elif site["type"] == "param":
+            entry["support"] = site["kwargs"].get("constraint", constraints.real)
+        view[name] = entry
+    return view
+
+
+def discover(model, pop, *args, **kwargs) -> Sites:
+    """Find the population parameters, random effects and observations of ``model(pop, ...)``.
+
+    Raises
+    ------
+    ModelError
+        Naming the site: an observed site outside the subject plate, a latent site in a plate nested
+        inside the subject plate, a discrete latent site, or a model without a subject plate.
+
+    Examples
+    --------
+    >>> import nlmegen
+    >>> from nlmegen.model import discover
+    >>> pop = nlmegen.read_nonmem(nlmegen.datasets.load("theo_sd"))
+    >>> sites = discover(nlmegen.examples.theo_model, pop)
+    >>> [s.name for s in sites.random_effects], sites.n_eta
+    (['eta'], 3)
+    """
+    view = _abstract_trace(model, (pop, *args), kwargs)
+    population, random_effects, observed, deterministic = [], [], [], []
+    n_subj = pop.n_subjects
+    for name, site in view.items():
+        if site["type"] == "deterministic":
+            deterministic.append(name)
+            continue
+        in_subject = [p for p in site["plates"] if p[0] == SUBJECT_PLATE]
+        nested = [p for p in site["plates"] if p[0] != SUBJECT_PLATE and in_subject]
+        if site["type"] == "param":
+            size = int(sum(int(np.prod(s)) for s in site["leaf_shapes"]))
+            population.append(Site(name, site["shape"] or (), site["support"], "param", size, site["tree"],
+                                   tuple(site["leaf_shapes"])))
+            continue
+        if site["observed"]:
+            if not in_subject:
+                raise ModelError(f"observed site {name!r} is outside the subject plate; declare observations "
+                                 "inside `with nlmegen.subjects(pop):` (nlmegen.observe)")
+            observed.append(Site(name, site["shape"][1:] if site["shape"] else (), site["support"],
+                                 output=site["output"]))
+            continue
+        if site["support"].is_discrete:
+            raise ModelError(f"latent site {name!r} is discrete; nlmegen needs continuous parameters and random "
+                             "effects (marginalise it, or make it observed)")
+        if in_subject:
+            if nested:
+                raise ModelError(f"random effect {name!r} is in plate {nested[0][0]!r} nested with the subject "
+                                 "plate; give each subject's random effects as one vector site "
+                                 "(e.g. dist.Normal(...).to_event(1)) instead")
+            shape = _per_subject_shape(name, site["shape"], in_subject[0], n_subj)
+            random_effects.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape)))
+        else:
+            shape = site["shape"]
+            population.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape)))
+    if not random_effects and not any(SUBJECT_PLATE in [p[0] for p in s["plates"]] for s in view.values()):
+        raise ModelError("the model has no subject plate; wrap random effects and observations in "
+                         "`with nlmegen.subjects(pop):`")
+    return Sites(tuple(population), tuple(random_effects), tuple(observed), tuple(deterministic), n_subj)
+
+
+def _per_subject_shape(name: str, shape: tuple | None, plate: tuple, n_subj: int) -> tuple:
+    """Shape of one subject's value: the subject axis (plate dim -1 of the batch shape) comes first."""
+    size = plate[2]
+    if size != n_subj:
+        raise ModelError(f"site {name!r}: subject plate has size {size} but the population has {n_subj} subjects")
+    if not shape or shape[0] != n_subj:
+        raise ModelError(f"site {name!r} has shape {shape}; expected the subject axis ({n_subj}) first "
+                         "(use the subject plate's default dim=-1 and put per-subject vectors in the event shape)")
+    return tuple(shape[1:])
+
+
+def _unconstrained_size(site: dict, shape: tuple) -> int:
+    from numpyro.distributions.transforms import biject_to
+
+    transform = biject_to(site["support"])
+    return int(np.prod(transform.inverse_shape(shape))) if shape else int(np.prod(transform.inverse_shape(())))
