@@ -13,16 +13,33 @@ central macro-coefficients ``A_i``; a dose is a linear operator ``E`` on ``exp(-
 zero-order infusion, steady state as a geometric series over the implied doses). A dose into the
 central compartment contributes ``sum_i A_i E(lambda_i)``; a first-order depot dose contributes
 ``ka sum_i A_i (E(lambda_i) - E(ka)) / (ka - lambda_i)``, a divided difference that is replaced by
-its Taylor expansion around the midpoint when ``ka`` comes close to an eigenvalue (so ``ka == k``
-gives finite, exact values and gradients; no perturbation of the parameters).
+a quadrature of its integral form when ``ka`` comes close to an eigenvalue (so ``ka == k`` gives
+finite, exact values and gradients; no perturbation of the parameters).
 
 Compartment numbers follow NONMEM: with ``ka`` (ADVAN2/4/12) CMT 1 is the depot and CMT 2 the
 central compartment; without ``ka`` (ADVAN1/3/11) CMT 1 is central. Doses into peripheral
 compartments are not supported.
+
+Dose semantics (NONMEM help: "SS data item", "SS dose event record", "RATE data item",
+"bioavailability fraction parameter"):
+
+- Records are ordered by time, then by their order in the table (``obs_index``, ``dose_index``,
+  ``reset_index``): a dose record affects an observation record that comes after it; a lagged
+  bolus whose effective time equals the observation time counts.
+- Bolus: ``F * AMT`` enters at ``TIME + ALAG``. Infusion: RATE > 0 keeps the rate and F changes
+  the duration (``F AMT / RATE``); RATE = -1 takes the modelled rate, RATE = -2 the modelled
+  duration (rate ``F AMT / D``).
+- SS = 1 / 2 with II > 0: the dose is the last of infinitely many implied doses every II (ALAG and
+  F apply to all of them), summed as geometric series; SS = 1 also drops every earlier dose.
+  SS > 0 with II = 0 and RATE != 0 is a constant infusion at steady state, running until the next
+  reset (F and ALAG do not apply).
+- EVID 3/4 resets (and SS = 1 doses) remove every earlier dose record from later observations,
+  including lagged doses not yet given and infusions still running.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -39,9 +56,9 @@ Param = ArrayLike
 PerCmt = ArrayLike | Mapping[int, ArrayLike]
 """A dose-level parameter: a `Param` for all doses, or ``{cmt: Param}`` per dose compartment."""
 
-# Below this value of |ka - lambda| * (time scale of the dose) the depot divided difference uses its
-# Taylor form: its error (x^4 / 1920) and the cancellation error of the plain quotient (1e-16 / x)
-# are then both below ~1e-13.
+# Below this value of |ka - lambda| * (time scale of the dose) the depot divided difference uses
+# Gauss quadrature of its integral form: its error (~x^4 / 4320) and the cancellation error of the
+# plain quotient (~1e-16 / x) are then both below ~1e-13.
 _NEAR = 3e-3
 
 
@@ -120,13 +137,13 @@ def one_cmt(
     ------
     ValueError
         For doses into a compartment other than depot / central, or RATE = -1 / -2 doses without
-        ``rate`` / ``duration``. Checked only when the population arrays are concrete (not when
-        `pk` is traced with the population as a jit/vmap argument).
+        ``rate`` / ``duration``. Checked on the host when the population's arrays are concrete;
+        skipped when the population itself is a `jax.jit` / `jax.vmap` argument (check it once
+        outside, e.g. by a call before jitting).
     """
     _check_doses(pop, "one_cmt", ka, duration, rate)
-    k = _param(cl, "cl") / _param(v, "v")
-    lams, coefs = _disposition((k,), ())
-    return _concentration(pop, lams, coefs, _param(v, "v"), ka, lag, f, duration, rate)
+    doses = {"ka": ka, "lag": lag, "f": f, "duration": duration, "rate": rate}
+    return _concentration(pop, "one", {"cl": cl, "v": v}, doses)
 
 
 def two_cmt(
@@ -144,19 +161,13 @@ def two_cmt(
 ) -> Array:
     """Central concentration of a two-compartment model (NONMEM ADVAN3, or ADVAN4 with ``ka``).
 
-    Same conventions as :func:`one_cmt`; ``q`` is the intercompartmental clearance and ``v1``, ``v2``
-    the central and peripheral volumes. With ``ka`` CMT 1 is the depot, CMT 2 central (CMT 3, the
-    peripheral compartment, cannot be dosed); without it CMT 1 is central.
+    Same conventions as :func:`one_cmt`; ``q`` is the intercompartmental clearance and ``v1``,
+    ``v2`` the central and peripheral volumes. With ``ka`` CMT 1 is the depot, CMT 2 central (the
+    peripheral compartment, CMT 3, cannot be dosed); without it CMT 1 is central.
     """
     _check_doses(pop, "two_cmt", ka, duration, rate)
-    cl, v1, q, v2 = (_param(x, n) for x, n in ((cl, "cl"), (v1, "v1"), (q, "q"), (v2, "v2")))
-    k10, k12, k21 = cl / v1, q / v1, q / v2
-    s = k10 + k12 + k21
-    root = jnp.sqrt(jnp.maximum(s * s - 4.0 * k10 * k21, 1e-300))  # > 0 unless q == 0
-    alpha = 0.5 * (s + root)
-    beta = k10 * k21 / alpha  # product of the roots: no cancellation for a slow terminal phase
-    lams, coefs = _disposition((alpha, beta), (k21,))
-    return _concentration(pop, lams, coefs, v1, ka, lag, f, duration, rate)
+    doses = {"ka": ka, "lag": lag, "f": f, "duration": duration, "rate": rate}
+    return _concentration(pop, "two", {"cl": cl, "v1": v1, "q": q, "v2": v2}, doses)
 
 
 def three_cmt(
@@ -181,16 +192,9 @@ def three_cmt(
     by the trigonometric method of ADVAN11 (Abuhelwa et al. 2015), polished by a Newton step.
     """
     _check_doses(pop, "three_cmt", ka, duration, rate)
-    names = ("cl", "v1", "q2", "v2", "q3", "v3")
-    cl, v1, q2, v2, q3, v3 = (_param(x, n) for x, n in zip((cl, v1, q2, v2, q3, v3), names))
-    k10, k12, k21, k13, k31 = cl / v1, q2 / v1, q2 / v2, q3 / v1, q3 / v3
-    lams = _cubic_roots(
-        k10 + k12 + k13 + k21 + k31,
-        k10 * k31 + k21 * k31 + k21 * k13 + k10 * k21 + k31 * k12,
-        k10 * k21 * k31,
-    )
-    lams, coefs = _disposition(lams, (k21, k31))
-    return _concentration(pop, lams, coefs, v1, ka, lag, f, duration, rate)
+    doses = {"ka": ka, "lag": lag, "f": f, "duration": duration, "rate": rate}
+    disposition = {"cl": cl, "v1": v1, "q2": q2, "v2": v2, "q3": q3, "v3": v3}
+    return _concentration(pop, "three", disposition, doses)
 
 
 # ----------------------------------------------------------------------------------- disposition
@@ -202,7 +206,38 @@ def _param(x: ArrayLike, name: str) -> Array:
     return x[:, None, None] if x.ndim == 1 else x
 
 
-def _disposition(lams: tuple[Array, ...], returns: tuple[Array, ...]) -> tuple[Array, Array]:
+def _one(cl: Array, v: Array) -> tuple[Array, Array, Array]:
+    """ADVAN1: eigenvalue ``CL / V``, coefficient 1; central volume ``V``."""
+    return (*_macro((cl / v,), ()), v)
+
+
+def _two(cl: Array, v1: Array, q: Array, v2: Array) -> tuple[Array, Array, Array]:
+    """ADVAN3: the two roots of ``x^2 - (k10 + k12 + k21) x + k10 k21`` (Gibaldi & Perrier)."""
+    k10, k12, k21 = cl / v1, q / v1, q / v2
+    s = k10 + k12 + k21
+    root = jnp.sqrt(jnp.maximum(s * s - 4.0 * k10 * k21, 1e-300))  # > 0 unless q == 0
+    alpha = 0.5 * (s + root)
+    beta = k10 * k21 / alpha  # product of the roots: no cancellation for a slow terminal phase
+    return (*_macro((alpha, beta), (k21,)), v1)
+
+
+def _three(
+    cl: Array, v1: Array, q2: Array, v2: Array, q3: Array, v3: Array
+) -> tuple[Array, Array, Array]:
+    """ADVAN11: the roots of the characteristic cubic (Abuhelwa et al. 2015, eq. for ADVAN11)."""
+    k10, k12, k21, k13, k31 = cl / v1, q2 / v1, q2 / v2, q3 / v1, q3 / v3
+    lams = _cubic_roots(
+        k10 + k12 + k13 + k21 + k31,
+        k10 * k31 + k21 * k31 + k21 * k13 + k10 * k21 + k31 * k12,
+        k10 * k21 * k31,
+    )
+    return (*_macro(lams, (k21, k31)), v1)
+
+
+_MODELS = {"one": _one, "two": _two, "three": _three}
+
+
+def _macro(lams: tuple[Array, ...], returns: tuple[Array, ...]) -> tuple[Array, Array]:
     """Eigenvalues ``[..., n]`` and central macro-coefficients of a mammillary model.
 
     For a unit bolus into the central compartment of a mammillary model whose peripheral
@@ -236,39 +271,41 @@ def _cubic_roots(a2: Array, a1: Array, a0: Array) -> tuple[Array, Array, Array]:
 
 
 # ----------------------------------------------------------------------------------- superposition
-def _concentration(
-    pop: Any,
-    lams: Array,
-    coefs: Array,
-    vc: Array,
-    ka: Param | None,
-    lag: PerCmt,
-    f: PerCmt,
-    duration: PerCmt | None,
-    rate: PerCmt | None,
-) -> Array:
-    """Sum over doses of each dose's central amount at every observation, divided by ``vc``."""
+def _concentration(pop: Any, model: str, disposition: dict, doses: dict) -> Array:
+    """Read the population's arrays (adding a subject axis for a single subject) and superpose."""
     ev = _Events(*(jnp.asarray(getattr(pop, name)) for name in _Events._fields))
     single = ev.times.ndim == 1
     if single:  # one subject, e.g. under jax.vmap over the population
         ev = _Events(*(x[None] for x in ev))
+    conc = _superpose(model, ev, disposition, doses)
+    return conc[0] if single else conc
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _superpose(model: str, ev: _Events, disposition: dict, doses: dict) -> Array:
+    """Sum over doses of each dose's central amount at every observation, divided by ``V``.
+
+    Jitted so that eager calls compile once per shape instead of dispatching many small ops.
+    """
+    params = {k: _param(x, k) for k, x in disposition.items()}
+    lams, coefs, vc = _MODELS[model](**params)  # [S, 1, 1, n] (or [n]) and [S, 1, 1]
     if ev.dose_times.shape[-1] == 0:
-        conc = jnp.zeros(ev.times.shape, dtype=float)
-        return conc[0] if single else conc
-    doses, on = _dose_inputs(ev, lag, f, duration, rate)
+        return jnp.zeros(ev.times.shape, dtype=float)
+    inputs, on = _dose_inputs(ev, doses["lag"], doses["f"], doses["duration"], doses["rate"])
 
     def response(r: Array) -> Array:
-        return _response(r, doses)
+        return _response(r, inputs)
 
-    # lams, coefs: [S, 1, 1, n] (or [n]) against dose inputs [S, O, D, 1]
-    amount = jnp.sum(coefs * response(lams), -1)  # doses into the central compartment
-    if ka is not None:  # CMT 1 is a first-order depot
-        kap = _param(ka, "ka")[..., None]
-        dd = _divided_difference(response, lams, kap, doses.span, doses.steady | doses.const)
-        depot = kap[..., 0] * jnp.sum(coefs * dd, -1)
-        amount = jnp.where(ev.dose_cmts[:, None, :] == 1, depot, amount)
-    conc = jnp.sum(jnp.where(on, amount, 0.0) / vc, -1)
-    return conc[0] if single else conc
+    # eigenvalues [S, 1, 1, n] against dose inputs [S, O, D, 1]
+    if doses["ka"] is None:
+        amount = jnp.sum(coefs * response(lams), -1)
+    else:  # CMT 1 is a first-order depot, CMT 2 central
+        ka = _param(doses["ka"], "ka")[..., None]
+        steady = inputs.steady | inputs.const
+        central, dd = _with_divided_difference(response, lams, ka, inputs.span, steady)
+        depot = ka[..., 0] * jnp.sum(coefs * dd, -1)
+        amount = jnp.where(ev.dose_cmts[:, None, :] == 1, depot, jnp.sum(coefs * central, -1))
+    return jnp.sum(jnp.where(on, amount, 0.0) / vc, -1)
 
 
 def _per_dose(value: PerCmt | None, cmts: Array, default: float) -> Array:
@@ -351,10 +388,10 @@ def _reset_between(ev: _Events) -> Array:
 def _response(r: Array, d: _Doses) -> Array:
     """Central input of one dose (and its implied steady-state doses) applied to ``exp(-r t)``.
 
-    Bolus: ``A exp(-r s)``. Infusion at rate ``R`` for ``T``: ``R (1 - exp(-r s)) / r`` while it runs,
-    ``R (1 - exp(-r T)) / r * exp(-r (s - T))`` after. Steady state (SS, interval II): the sum over
-    implied doses at ``s_n = tau + n II``, ``n >= n0`` (``n0`` skips doses still in their lag time),
-    whose running part is a finite geometric sum (doses ``n0 .. n1-1``, possibly several when
+    Bolus: ``A exp(-r s)``. Infusion at rate ``R`` for ``T``: ``R (1 - exp(-r s)) / r`` while it
+    runs, ``R (1 - exp(-r T)) / r * exp(-r (s - T))`` after. Steady state (SS, interval II): the
+    sum over implied doses at ``s_n = tau + n II``, ``n >= n0`` (``n0`` skips doses still in their
+    lag time), whose running part is a finite geometric sum (doses ``n0 .. n1-1``, several when
     ``T > II``) and whose finished part an infinite one (Gibaldi & Perrier 1982, ch. 3; ADVAN SS
     routines). Constant infusion at steady state: ``R / r``.
     """
@@ -376,33 +413,31 @@ def _response(r: Array, d: _Doses) -> Array:
     return jnp.where(d.const, d.rate / r, jnp.where(d.bolus, bolus, infusion))
 
 
-def _divided_difference(
+def _with_divided_difference(
     fn: Callable[[Array], Array], lam: Array, ka: Array, span: Array, steady: Array
-) -> Array:
-    """``(fn(lam) - fn(ka)) / (ka - lam)``, finite with exact gradients through ``ka == lam``.
+) -> tuple[Array, Array]:
+    """``fn(lam)`` and ``(fn(lam) - fn(ka)) / (ka - lam)``, with exact gradients at ``ka == lam``.
 
-    Close to the diagonal (``|ka - lam| * scale < _NEAR``) it is the midpoint Taylor form
-    ``-fn'(m) - fn'''(m) (ka - lam)^2 / 24`` (derivatives by nested `jax.jvp`), elsewhere the
-    quotient. Both branches are evaluated at safe points (double-where), so no NaN leaks into the
-    gradient.
+    The divided difference equals ``-integral_0^1 fn'(lam + s (ka - lam)) ds``. Close to the
+    diagonal (``|ka - lam| * scale < _NEAR``) we take that integral by 2-point Gauss-Legendre
+    quadrature (error ``(ka - lam)^4 fn^(5) / 4320``), elsewhere the quotient, evaluated at a safe
+    ``ka`` where unused (double-where: no NaN in the gradient). At ``ka == lam`` this is the
+    limiting form, e.g. ``t exp(-k t)`` for a one-compartment bolus. All points go through one
+    `jax.jvp` of ``fn`` (values and ``fn'``), which keeps the compiled program small.
     """
-    mid = 0.5 * (lam + ka)
     delta = ka - lam
-    scale = span + jnp.where(steady, 1.0 / mid, 0.0)
+    scale = span + jnp.where(steady, 2.0 / (lam + ka), 0.0)
     near = jnp.abs(delta) * scale < _NEAR
-    ka_far = jnp.where(near, lam + 1.0 + mid, ka)
-    far = (fn(lam) - fn(ka_far)) / (ka_far - lam)
-    ones = jnp.ones_like(mid)
-
-    def d1(x: Array) -> Array:
-        return jax.jvp(fn, (x,), (ones,))[1]
-
-    def d2(x: Array) -> Array:
-        return jax.jvp(d1, (x,), (ones,))[1]
-
-    d3 = jax.jvp(d2, (mid,), (ones,))[1]
-    delta = jnp.where(near, delta, 0.0)
-    return jnp.where(near, -d1(mid) - d3 * delta**2 / 24.0, far)
+    ka_far = jnp.where(near, 2.0 * lam + ka + 1.0, ka)
+    g = 0.5 / math.sqrt(3.0)  # Gauss-Legendre nodes on [0, 1]: 1/2 -+ g
+    points = [lam, ka_far, lam + (0.5 - g) * delta, lam + (0.5 + g) * delta]
+    points = jnp.concatenate(jnp.broadcast_arrays(*points), -1)
+    values, slopes = jax.jvp(fn, (points,), (jnp.ones_like(points),))
+    n = lam.shape[-1]
+    at_lam, at_ka = values[..., :n], values[..., n : 2 * n]
+    far = (at_lam - at_ka) / (ka_far - lam)
+    quad = -0.5 * (slopes[..., 2 * n : 3 * n] + slopes[..., 3 * n :])
+    return at_lam, jnp.where(near, quad, far)
 
 
 # ----------------------------------------------------------------------------------- host checks
@@ -418,14 +453,17 @@ def _check_doses(
     arrays = (pop.dose_cmts, pop.dose_mask, pop.dose_rates)
     if any(isinstance(x, jax.core.Tracer) for x in arrays):
         return
-    central = 2 if ka is not None else 1
-    allowed = {1: "depot", 2: "central"} if ka is not None else {1: "central"}
+    allowed = (1, 2) if ka is not None else (1,)
+    where = (
+        "CMT 1 (depot) or CMT 2 (central)"
+        if ka is not None
+        else "CMT 1 (central) only; pass ka= for a depot in CMT 1 and central in CMT 2"
+    )
     for cmt in pop.dose_compartments:
         if cmt not in allowed:
-            kinds = ", ".join(f"CMT {c} ({k})" for c, k in allowed.items())
             raise ValueError(
-                f"{name}: a dose goes into compartment {cmt}, which cannot be dosed in this model "
-                f"(doses may go into {kinds}; central is CMT {central})"
+                f"{name}: a dose goes into compartment {cmt}, which this model cannot dose "
+                f"(doses may go into {where})"
             )
     mask = np.asarray(pop.dose_mask, dtype=bool)
     cmts, rates = np.asarray(pop.dose_cmts)[mask], np.asarray(pop.dose_rates)[mask]

@@ -40,7 +40,8 @@ def reset(t):
 
 
 def make_pop(subjects: list[list[dict]]) -> Population:
-    """A Population from per-subject record lists (record order = list order), padded like the reader."""
+    """A Population from per-subject record lists (record order = list order), padded as the reader
+    pads (padded doses at the last event time with amount 0, padded obs repeating the last time)."""
     n = len(subjects)
     per = []
     for recs in subjects:
@@ -52,7 +53,8 @@ def make_pop(subjects: list[list[dict]]) -> Population:
             if ev in (3, 4):
                 r.append((rec["time"], i))
             if ev in (1, 4):
-                d.append((rec["time"], rec["amt"], rec["cmt"], rec["rate"], rec["ii"], rec["ss"], i))
+                keys = ("time", "amt", "cmt", "rate", "ii", "ss")
+                d.append((*(rec[k] for k in keys), i))
         per.append((o, d, r, max(rec["time"] for rec in recs), len(recs)))
     n_o = max(len(p[0]) for p in per)
     n_d = max(max(len(p[1]) for p in per), 1)
@@ -108,6 +110,17 @@ def system_matrix(p: dict, oral: bool) -> tuple[np.ndarray, int, float]:
     return k, c, v1
 
 
+_EXPM: dict = {}
+
+
+def _expm(m: np.ndarray, dt: float) -> np.ndarray:
+    """expm(m dt), cached: steady-state histories repeat the same few steps many times."""
+    key = (m.tobytes(), round(dt, 10))
+    if key not in _EXPM:
+        _EXPM[key] = scipy.linalg.expm(m * dt)
+    return _EXPM[key]
+
+
 class RefSim:
     """Exact piecewise integration of dx/dt = K x + u(t) with bolus and zero-order inputs."""
 
@@ -132,9 +145,10 @@ class RefSim:
                 for a, b, s, r in self.infusion:
                     if a <= self.t < b:
                         m[s, n] += r
-                e = scipy.linalg.expm(m * (nxt - self.t))
+                e = _expm(m, nxt - self.t)
                 self.x = e[:n, :n] @ self.x + e[:n, n]
                 self.t = nxt
+                self.infusion = [p for p in self.infusion if p[1] > self.t]
             for b in [b for b in self.bolus if b[0] <= self.t]:
                 self.x[b[1]] += b[2]
                 self.bolus.remove(b)
@@ -259,7 +273,7 @@ ORAL = [
 MODELS = {
     "one": (one_cmt, {"cl": 2.0, "v": 15.0}),
     "two": (two_cmt, {"cl": 2.0, "v1": 15.0, "q": 3.0, "v2": 40.0}),
-    "three": (three_cmt, {"cl": 2.0, "v1": 15.0, "q2": 3.0, "v2": 40.0, "q3": 0.7, "v3": 90.0}),
+    "three": (three_cmt, {"cl": 2.0, "v1": 15.0, "q2": 3.0, "v2": 40.0, "q3": 1.0, "v3": 40.0}),
 }
 KA = 1.3
 
@@ -270,7 +284,8 @@ def group_inputs(scenarios, model, oral):
     cmts = (1, 2) if oral else (1,)
     pop = make_pop([s[1] for s in scenarios])
     params = {k: np.array([dict(base, **s[2])[k] for s in scenarios]) for k in base}
-    for key, pos, default in (("lag", 3, 0.0), ("f", 4, 1.0), ("duration", 5, 1.0), ("rate", 6, 1.0)):
+    defaults = (("lag", 3, 0.0), ("f", 4, 1.0), ("duration", 5, 1.0), ("rate", 6, 1.0))
+    for key, pos, default in defaults:
         params[key] = {c: np.array([s[pos].get(c, default) for s in scenarios]) for c in cmts}
     return pop, params, base
 
@@ -321,6 +336,54 @@ def test_ka_equal_to_an_eigenvalue():
         np.testing.assert_allclose(got[s], want, rtol=RTOL, err_msg=f"ka/k={ka / k}")
     t = np.array([0.5, 2, 8])
     np.testing.assert_allclose(got[0, :3], 100 / 15 * k * t * np.exp(-k * t), rtol=1e-12)
+
+
+def random_regimen(rng: np.random.Generator) -> list[dict]:
+    """10 records on a 0.5 h grid (same-time records in random order): 5 observations, 4 doses of
+    random kind (bolus / RATE>0 / RATE=-2 / constant SS infusion; depot or central; SS 0/1/2;
+    EVID 1/4) and an EVID 3 reset."""
+    times = np.sort(rng.choice(np.arange(0.0, 30.0, 0.5), size=10))
+    kinds = rng.permutation(["obs"] * 5 + ["dose"] * 4 + ["reset"])
+    recs = []
+    for t, kind in zip(times, kinds):
+        if kind != "dose":
+            recs.append(obs(t) if kind == "obs" else reset(t))
+            continue
+        cmt, form = int(rng.integers(1, 3)), rng.choice(["bolus", "rate", "duration", "const"])
+        ss = int(rng.choice([0, 0, 1, 2]))
+        ii = float(rng.choice([6.0, 12.0])) if ss else 0.0
+        amt, evid = float(rng.uniform(10, 100)), int(rng.choice([1, 1, 4]))
+        if form == "bolus":
+            recs.append(dose(t, amt, cmt, 0.0, ii, ss, evid))
+        elif form == "rate":
+            recs.append(dose(t, amt, cmt, float(rng.uniform(5, 50)), ii, ss, evid))
+        elif form == "duration":
+            recs.append(dose(t, amt, cmt, -2.0, ii, ss, evid))
+        else:
+            ss = int(rng.integers(1, 3))
+            recs.append(dose(t, 0.0, cmt, float(rng.uniform(1, 5)), 0.0, ss, evid))
+    return recs
+
+
+def test_random_regimens_match_reference():
+    rng = np.random.default_rng(20240611)
+    n = 24
+    subjects = [random_regimen(rng) for _ in range(n)]
+    lag = {c: rng.choice([0.0, 0.3, 0.8], n) for c in (1, 2)}
+    f = {c: rng.uniform(0.5, 1.0, n) for c in (1, 2)}
+    dur = {c: rng.uniform(0.5, 8.0, n) for c in (1, 2)}  # > II sometimes: overlapping SS infusions
+    cl, ka = rng.uniform(1, 4, n), rng.uniform(0.1, 2, n)
+    base = {"v1": 15.0, "q": 3.0, "v2": 40.0}
+    pop = make_pop(subjects)
+    got = np.asarray(two_cmt(pop, cl=cl, ka=ka, lag=lag, f=f, duration=dur, **base))
+    assert np.all(np.isfinite(got))
+    for s, recs in enumerate(subjects):
+        pick = {c: 0 for c in (1, 2)}
+        args = [{c: float(x[c][s]) for c in pick} for x in (lag, f, dur)]
+        want = reference(recs, dict(base, cl=cl[s], ka=ka[s]), True, *args)
+        np.testing.assert_allclose(
+            got[s, : len(want)], want, rtol=RTOL, atol=1e-10, err_msg=str(recs)
+        )
 
 
 # ----------------------------------------------------------------------------------- gradients
@@ -384,7 +447,10 @@ def test_jit_vmap_and_padding():
             want = reference(r, {"cl": float(cls[b, s]), "v": 15.0, "ka": KA}, True, {1: 1.5})
             np.testing.assert_allclose(batched[b, s, : len(want)], want, rtol=RTOL)
     # vmap over subjects: each call sees one subject without the subject axis
-    per_subject = jax.vmap(lambda p, cl: one_cmt(p, cl=cl, v=15.0, ka=KA, lag={1: 1.5}))(pop, cls[0])
+    def one_subject(p, cl):
+        return one_cmt(p, cl=cl, v=15.0, ka=KA, lag={1: 1.5})
+
+    per_subject = jax.vmap(one_subject)(pop, cls[0])
     np.testing.assert_allclose(per_subject, batched[0], rtol=1e-13)
     # eager (no jit) gives the same
     np.testing.assert_allclose(one_cmt(pop, cl=cls[0], v=15.0, ka=KA, lag={1: 1.5}), batched[0])
@@ -420,3 +486,36 @@ def test_bad_parameter_shape_raises():
 
 def test_bolus_seen_by_observation_after_it_at_the_same_time():
     assert math.isclose(float(one_cmt(make_pop([[dose(0, 10), obs(0)]]), cl=1.0, v=5.0)[0, 0]), 2.0)
+
+
+# ----------------------------------------------------------------------------------- read_nonmem
+def test_through_read_nonmem():
+    """A NONMEM table (ADDL, SS=1, EVID 4, infusion) via the reader gives the reference values."""
+    pd = pytest.importorskip("pandas")
+    from nlmegen import read_nonmem
+
+    nan = np.nan
+    cols = ["ID", "TIME", "DV", "AMT", "EVID", "CMT", "RATE", "II", "ADDL", "SS"]
+    rows = [
+        (1, 0.0, nan, 100, 1, 1, 0, 12, 2, 0),
+        (1, 0.5, 1.0, nan, 0, 2, 0, 0, 0, 0),
+        (1, 12.0, 1.0, nan, 0, 2, 0, 0, 0, 0),  # trough: the ADDL dose at 12 comes after it
+        (1, 13.0, 1.0, nan, 0, 2, 0, 0, 0, 0),
+        (1, 30.0, 1.0, nan, 0, 2, 0, 0, 0, 0),
+        (2, 0.0, nan, 50, 1, 1, 0, 24, 0, 1),
+        (2, 2.0, 1.0, nan, 0, 2, 0, 0, 0, 0),
+        (2, 5.0, nan, 80, 4, 2, 40, 0, 0, 0),
+        (2, 5.0, 1.0, nan, 0, 2, 0, 0, 0, 0),
+        (2, 6.5, 1.0, nan, 0, 2, 0, 0, 0, 0),
+    ]
+    pop = read_nonmem(pd.DataFrame(rows, columns=cols))
+    got = np.asarray(two_cmt(pop, cl=2.0, v1=15.0, q=3.0, v2=40.0, ka=KA))
+    refs = [
+        [dose(0, 100), obs(0.5), obs(12), dose(12, 100), obs(13), dose(24, 100), obs(30)],
+        [dose(0, 50, ii=24, ss=1), obs(2), dose(5, 80, cmt=2, rate=40, evid=4), obs(5), obs(6.5)],
+    ]
+    for s, recs in enumerate(refs):
+        want = reference(recs, dict(MODELS["two"][1], ka=KA), oral=True)
+        np.testing.assert_allclose(got[s, : len(want)], want, rtol=RTOL)
+    with pytest.raises(ValueError, match="compartment 2"):
+        two_cmt(pop, cl=2.0, v1=15.0, q=3.0, v2=40.0)
