@@ -1,1 +1,582 @@
-"""Placeholder until the ODE module lands (being written now)."""
+"""Dosed ODE models: any right-hand side, solved per subject with NONMEM dose semantics.
+
+:func:`solve` integrates ``dy/dt = rhs(t, y, params)`` for every subject of a
+:class:`~nlmegen.Population` with `diffrax`, applying the subject's dose records (bolus, zero-order
+infusion, modelled rate or duration, lag time, bioavailability, steady state) and resets, and returns
+the states at every observation time.
+
+Dose semantics follow NONMEM: a bolus (RATE 0) adds ``F * AMT`` at ``TIME + ALAG``; an infusion
+adds ``RATE`` to the compartment's derivative over ``F * AMT / RATE`` (F changes the duration);
+RATE = -2 infuses ``F * AMT`` over the modelled ``duration``, RATE = -1 at the modelled ``rate``.
+Records at the same time act in record order: an observation sees a same-time bolus only if the dose
+record came first. A reset (EVID 3/4) sets the state to ``y0`` and stops running infusions. The
+system starts from ``y0`` at the subject's first record.
+
+Steady state: SS = 1 resets (as above) and sets the state at the record time to that of an infinite
+train of this dose every ``II`` (with its lag, so the record time is a point of the dosing cycle);
+the dose itself is then given as usual. SS = 1 with ``II = 0`` and an infusion sets the steady state
+of a constant infusion, which keeps running. SS = 2 adds the steady-state deviation (fixed point
+minus ``y0``) to the current state without a reset: superposition, exact only for linear systems.
+Infusions of the train still running after the record time are continued; this is exact when
+``ALAG + duration <= 2 * II`` (older overlapping infusions are dropped) and needs ``ALAG < II``. A
+steady state must exist (no state growing without bound, such as a cumulative AUC state); otherwise
+the subject fails with :data:`SS_FAILED`.
+
+How it works: each subject's events (effective dose times ``TIME + ALAG``, infusion ends, steady-state
+resets, EVID 3/4 resets, observation times) are merged into one grid, sorted by time and then by
+record order (`jax.numpy.lexsort`, so that lag times and durations may be parameters); a
+`jax.lax.scan` over the grid runs one ``diffeqsolve`` per segment, with the infusion rates constant
+within it, applies bolus jumps and resets at grid points and records the observed states. Subjects
+are mapped with `jax.vmap`. Event records are data: new parameter values never recompile (wrap the
+caller in `jax.jit`; ``solve`` itself is a traceable function).
+
+Steady state (SS=1, SS=2) is the fixed point of the one-interval flow map ``Phi``, found by Newton's
+method with the Jacobian of ``Phi`` from the variational equations (integrated alongside the states,
+so no differentiation through the solver is needed; linear systems converge in one step). The
+iterations carry no gradients; gradients come from one more Newton step taken from the root with the
+chosen adjoint, ``y* - (dPhi/dy - I)^-1 (Phi(y*, params) - y*)``, whose derivative is the implicit
+function theorem's: exact first derivatives, in reverse or forward mode. (`optimistix.root_find`
+with its implicit adjoint would need a flow map that is both forward- and reverse-differentiable,
+which diffrax offers only with ``DirectAdjoint``: measured 5x the compile time of this scheme.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, PyTree
+
+if TYPE_CHECKING:
+    from ..data import Population
+
+__all__ = ["NON_FINITE", "SS_FAILED", "solve"]
+
+#: Status code: the steady-state fixed point did not converge (or was not finite).
+SS_FAILED = 100
+#: Status code: every solve reported success but some state came out NaN or infinite.
+NON_FINITE = 101
+
+# segments are short: 64 checkpoints (not diffrax's default sqrt(max_steps)) made IDR gradients
+# 1.6x faster, with 7x less memory
+_DEFAULT_ADJOINT = diffrax.RecursiveCheckpointAdjoint(checkpoints=64)
+
+# tie-breaks between events of the same record: reset, steady-state reset, dose start, infusion end
+_RESET, _SS, _START, _END = 0, 1, 2, 3
+
+
+class _Config(NamedTuple):
+    """Solver settings and the static structure of the event grid (host-side, hashable parts)."""
+
+    rhs: Callable
+    solver: Any
+    controller: Any
+    adjoint: Any
+    max_steps: int
+    dt0: float | None
+    rtol: float
+    atol: float
+    has_inf: bool  # some dose is an infusion: infusion-end events
+    n_ss: int  # steady-state doses per subject (0: none)
+    has_residual: bool  # steady-state infusions may overlap the record time
+    has_periodic: bool  # SS with II > 0
+    has_const: bool  # SS with II == 0 (constant infusion)
+    has_reset: bool  # EVID 3/4 resets
+
+
+class _Doses(NamedTuple):
+    """Effective dose quantities of one subject, ``[dose]`` each."""
+
+    t: Array  # record time
+    lag: Array
+    amt: Array  # F * AMT
+    cmt: Array  # 0-based state index
+    rate: Array  # infusion rate (0 for a bolus)
+    dur: Array  # infusion duration (0 for a bolus, inf for a steady-state constant infusion)
+    ii: Array
+    ss: Array
+    valid: Array
+    index: Array
+
+
+def solve(
+    rhs: Callable[[Array, Array, PyTree], Array],
+    pop: Population,
+    params: PyTree,
+    *,
+    y0: Array | Callable[[PyTree], Array],
+    lag: Any = None,
+    f: Any = None,
+    duration: Any = None,
+    rate: Any = None,
+    solver: diffrax.AbstractSolver | None = None,
+    rtol: float = 1e-6,
+    atol: float = 1e-9,
+    max_steps: int = 100_000,
+    dt0: float | None = None,
+    adjoint: diffrax.AbstractAdjoint | None = None,
+    return_status: bool = False,
+) -> Array | tuple[Array, Array]:
+    """Solve ``dy/dt = rhs(t, y, params)`` for every subject, with its doses; states at the obs times.
+
+    Parameters
+    ----------
+    rhs : callable
+        ``rhs(t, y, p) -> dy``: ``y`` is the 1-D state vector (``n_states``), ``p`` one subject's
+        parameters (``params`` with the subject axis removed). Things shared by all subjects that are
+        not scalars (neural-network weights, matrices) are captured by closure in ``rhs``, not passed
+        in ``params``; closures over traced values (inside `jax.grad`, `jax.jit`) work.
+    pop : Population
+        Observation, dose and reset records (NONMEM semantics; compartment ``k`` is ``y[k - 1]``).
+    params : pytree
+        Leaves of shape ``[n_subjects, ...]`` are per subject; scalar leaves are shared by all.
+    y0 : array or callable
+        Initial state (at the subject's first record and after resets): ``[n_states]``,
+        ``[n_subjects, n_states]`` or ``y0(p) -> [n_states]`` evaluated per subject (a baseline that
+        depends on the parameters, e.g. ``R0 = kin / kout``).
+    lag, f : optional
+        Absorption lag (ALAG, default 0) and bioavailability (F, default 1): a scalar or
+        ``[n_subjects]`` value for every dose, or a dict ``{cmt: value}`` per dosing compartment.
+    duration, rate : optional
+        Modelled duration (for RATE = -2 doses) and modelled rate (RATE = -1), same forms.
+    solver : diffrax solver, optional
+        Default `diffrax.Tsit5`; for stiff systems use e.g. `diffrax.Kvaerno5`.
+    rtol, atol : float
+        Tolerances of the `diffrax.PIDController` (and, times 10, of the steady-state Newton solve).
+    max_steps : int
+        Step limit of every segment's solve; a subject that reaches it fails (see ``return_status``).
+    dt0 : float, optional
+        Initial step (default: chosen by the controller).
+    adjoint : diffrax adjoint, optional
+        Default ``diffrax.RecursiveCheckpointAdjoint(checkpoints=64)`` (reverse mode);
+        `diffrax.ForwardMode` gives cheap forward-mode Jacobians (`jax.jacfwd`) instead.
+    return_status : bool
+        Also return the status of each subject.
+
+    Returns
+    -------
+    states : ``[n_subjects, n_obs, n_states]``
+        States at ``pop.times`` (padded observations included); NaN for failed subjects.
+    status : ``[n_subjects]`` int, only with ``return_status``
+        0 on success; otherwise the `diffrax.RESULTS` code of the failed solve, :data:`SS_FAILED` or
+        :data:`NON_FINITE`. Failures never raise, so extreme parameters cannot crash an estimation.
+
+    See the module docstring for the dose, reset and steady-state semantics.
+    """
+    n_subj = int(pop.times.shape[0])
+    cfg = _config(rhs, pop, solver, rtol, atol, max_steps, dt0, adjoint)
+    _check_rates(pop, duration, rate)
+    params = _per_subject(params, n_subj, "params")
+    specs = {name: _spec(v, n_subj, name) for name, v in
+             (("lag", lag), ("f", f), ("duration", duration), ("rate", rate))}
+    y0s = _initial_states(y0, params, n_subj)
+    n_states = y0s.shape[-1]
+    _check_compartments(pop, n_states)
+    doses = jax.vmap(partial(_dose_table, n_states=n_states))(_dose_arrays(pop), specs)
+    yss, ss_status = _steady_states(cfg, pop, params, y0s, doses)
+    obs = (pop.times, pop.mask, pop.obs_index)
+    resets = (pop.reset_times, pop.reset_mask, pop.reset_index)
+    states, status = jax.vmap(partial(_subject, cfg))(params, y0s, obs, doses, resets, yss)
+    status = jnp.where(ss_status != 0, ss_status, status)
+    states = jnp.where((status != 0)[:, None, None], jnp.nan, states)
+    return (states, status) if return_status else states
+
+
+# ---------------------------------------------------------------------------- host-side set-up
+def _concrete(x: Any) -> np.ndarray | None:
+    """``x`` as a NumPy array, or None when it is a tracer (inside `jax.jit`)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _config(rhs, pop, solver, rtol, atol, max_steps, dt0, adjoint) -> _Config:
+    """Solver settings, and which event kinds the grid needs (all of them when ``pop`` is traced)."""
+    arrays = [_concrete(getattr(pop, k)) for k in
+              ("dose_mask", "dose_rates", "dose_ss", "dose_ii", "reset_mask")]
+    n_doses = int(pop.dose_times.shape[1])
+    settings = dict(
+        rhs=rhs, solver=diffrax.Tsit5() if solver is None else solver,
+        controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        adjoint=_DEFAULT_ADJOINT if adjoint is None else adjoint,
+        max_steps=int(max_steps), dt0=dt0, rtol=float(rtol), atol=float(atol))
+    if any(a is None for a in arrays):
+        return _Config(**settings, has_inf=True, n_ss=n_doses, has_residual=True,
+                       has_periodic=True, has_const=True, has_reset=pop.reset_times.shape[1] > 0)
+    mask, rates, ss, ii, reset_mask = arrays
+    inf = mask & (rates != 0)
+    is_ss = mask & (ss != 0)
+    return _Config(
+        **settings, has_inf=bool(inf.any()), n_ss=int(is_ss.sum(axis=1).max(initial=0)),
+        has_residual=bool((is_ss & inf & (ii > 0)).any()),
+        has_periodic=bool((is_ss & (ii > 0)).any()), has_const=bool((is_ss & (ii <= 0)).any()),
+        has_reset=bool(reset_mask.any()))
+
+
+def _check_rates(pop: Any, duration: Any, rate: Any) -> None:
+    """Raise if RATE = -2 (-1) doses exist without a modelled duration (rate); concrete data only."""
+    mask, rates, cmts = (_concrete(getattr(pop, k)) for k in ("dose_mask", "dose_rates", "dose_cmts"))
+    if mask is None or rates is None or cmts is None:
+        return
+    for code, value, name in ((-2, duration, "duration"), (-1, rate, "rate")):
+        needed = {int(c) for c in cmts[mask & (rates == code)]}
+        if not needed:
+            continue
+        if value is None:
+            raise ValueError(f"the data have RATE={code} doses (compartments {sorted(needed)}) "
+                             f"but no modelled `{name}` was given to ode.solve")
+        if isinstance(value, Mapping) and not needed <= {int(k) for k in value}:
+            missing = sorted(needed - {int(k) for k in value})
+            raise ValueError(f"RATE={code} doses into compartments {missing} have no modelled "
+                             f"`{name}`: give {name}={{cmt: value}} for them")
+
+
+def _check_compartments(pop: Any, n_states: int) -> None:
+    """Raise if a real dose goes into a compartment the model does not have (concrete data only)."""
+    mask, cmts = _concrete(pop.dose_mask), _concrete(pop.dose_cmts)
+    if mask is None or cmts is None:
+        return
+    bad = sorted({int(c) for c in cmts[mask] if not 1 <= c <= n_states})
+    if bad:
+        raise ValueError(f"doses into compartments {bad}, but the model has {n_states} states "
+                         f"(compartments 1..{n_states})")
+
+
+def _per_subject(tree: PyTree, n_subj: int, name: str) -> PyTree:
+    """Broadcast scalar leaves to ``[n_subjects]``; check that the others lead with ``n_subjects``."""
+
+    def leaf(x):
+        x = jnp.asarray(x)
+        if x.ndim == 0:
+            return jnp.broadcast_to(x, (n_subj,))
+        if x.shape[0] != n_subj:
+            raise ValueError(
+                f"{name}: a leaf of shape {x.shape} neither is a scalar nor leads with the "
+                f"{n_subj} subjects; capture arrays shared by all subjects by closure in `rhs`")
+        return x
+
+    return jax.tree.map(leaf, tree)
+
+
+def _spec(value: Any, n_subj: int, name: str) -> tuple:
+    """``lag``/``f``/``duration``/``rate`` as ``(value for all doses or None, {cmt: value})``."""
+    if value is None:
+        return None, {}
+    if isinstance(value, Mapping):
+        return None, {int(k): _per_subject(v, n_subj, name) for k, v in value.items()}
+    return _per_subject(value, n_subj, name), {}
+
+
+def _initial_states(y0: Any, params: PyTree, n_subj: int) -> Array:
+    """``[n_subjects, n_states]`` initial states from an array or a per-subject callable."""
+    if callable(y0):
+        return jax.vmap(lambda p: jnp.asarray(y0(p), dtype=float))(params)
+    y0 = jnp.asarray(y0, dtype=float)
+    if y0.ndim == 1:
+        return jnp.broadcast_to(y0, (n_subj, y0.shape[0]))
+    if y0.ndim != 2 or y0.shape[0] != n_subj:
+        raise ValueError(f"y0 must be [n_states] or [{n_subj}, n_states], got shape {y0.shape}")
+    return y0
+
+
+def _dose_arrays(pop: Any) -> tuple:
+    return (pop.dose_times, pop.dose_amts, pop.dose_cmts, pop.dose_rates, pop.dose_ii,
+            pop.dose_ss, pop.dose_mask, pop.dose_index)
+
+
+# ---------------------------------------------------------------------------- one subject
+def _resolve(spec: tuple, cmt: Array, default: float) -> Array:
+    """Per-dose value of a ``lag``/``f``/... spec (``cmt`` 1-based)."""
+    base, per_cmt = spec
+    out = jnp.full(cmt.shape, default) if base is None else jnp.broadcast_to(base, cmt.shape)
+    for k, v in per_cmt.items():
+        out = jnp.where(cmt == k, v, out)
+    return out
+
+
+def _safe(x: Array) -> Array:
+    return jnp.where(x != 0, x, 1.0)
+
+
+def _dose_table(arrays: tuple, specs: dict, n_states: int) -> _Doses:
+    """Effective amount, rate, duration and lag of each dose (NONMEM RATE coding)."""
+    t, amt, cmt, code, ii, ss, mask, index = arrays
+    amt = _resolve(specs["f"], cmt, 1.0) * amt
+    model_dur = _resolve(specs["duration"], cmt, 1.0)
+    model_rate = _resolve(specs["rate"], cmt, 1.0)
+    is_inf = mask & (code != 0)
+    rate = jnp.where(code > 0, code, jnp.where(code == -1, model_rate, amt / _safe(model_dur)))
+    rate = jnp.where(is_inf, rate, 0.0)
+    dur = jnp.where(code == -2, model_dur, amt / _safe(rate))
+    dur = jnp.where(is_inf, dur, 0.0)
+    dur = jnp.where(is_inf & (ss != 0) & (ii <= 0), jnp.inf, dur)  # steady-state constant infusion
+    return _Doses(t=t, lag=_resolve(specs["lag"], cmt, 0.0), amt=jnp.where(mask, amt, 0.0),
+                  cmt=jnp.clip(cmt - 1, 0, n_states - 1), rate=rate, dur=dur, ii=ii, ss=ss,
+                  valid=mask, index=index)
+
+
+def _flow(cfg: _Config, adjoint: Any, p: PyTree, t0: Array, t1: Array, y: Array, rate: Array):
+    """Integrate ``rhs + rate`` from ``t0`` to ``t1`` (no steps when equal); state and result code."""
+    term = diffrax.ODETerm(lambda t, y, args: cfg.rhs(t, y, args[0]) + args[1])
+    sol = diffrax.diffeqsolve(
+        term, cfg.solver, t0, t1, cfg.dt0, y, (p, rate), stepsize_controller=cfg.controller,
+        adjoint=adjoint, max_steps=cfg.max_steps, throw=False)
+    return sol.ys[-1], sol.result._value.astype(jnp.int32)
+
+
+def _subject(cfg: _Config, p, y0, obs, doses: _Doses, resets, yss):
+    """States of one subject at its observation times, and its status code."""
+    grid = _grid(cfg, y0, obs, doses, resets, yss)
+    t_grid, rate, is_reset, ss1, ss2, y_ss, bolus, pos_obs, t_init = grid
+
+    def step(carry, x):
+        y, t0, status = carry
+        t1, rate_i, reset_i, ss1_i, ss2_i, yss_i, bolus_i = x
+        y, res = _flow(cfg, cfg.adjoint, p, t0, jnp.where(status == 0, t1, t0), y, rate_i)
+        status = jnp.where(status == 0, res, status)
+        y = jnp.where(reset_i, y0, y)
+        y = jnp.where(ss1_i, yss_i, jnp.where(ss2_i, y + yss_i - y0, y)) + bolus_i
+        return (y, t1, status), y
+
+    init = (y0, t_init, jnp.zeros((), jnp.int32))
+    (_, _, status), ys = jax.lax.scan(step, init, (t_grid, rate, is_reset, ss1, ss2, y_ss, bolus))
+    states = ys[pos_obs]
+    status = jnp.where((status == 0) & ~jnp.all(jnp.isfinite(states)), NON_FINITE, status)
+    return states, status
+
+
+def _events(cfg: _Config, y0, obs, d: _Doses, resets, yss) -> list[tuple]:
+    """Candidate events ``(time, valid, order, reset, ss1, ss2, y_ss, bolus)``, grouped by kind."""
+    n_d, n = d.t.shape[0], y0.shape[0]
+    onehot = jax.nn.one_hot(d.cmt, n, dtype=y0.dtype)
+    z_d, zn_d, f_d = jnp.zeros(n_d, bool), jnp.zeros((n_d, n), y0.dtype), jnp.zeros(n_d, bool)
+    t_obs, _, obs_index = obs
+    z_o = jnp.zeros(t_obs.shape, bool)
+    groups = [(t_obs, ~z_o, obs_index * 4 + _START, z_o, z_o, z_o, jnp.zeros((*t_obs.shape, n)),
+               jnp.zeros((*t_obs.shape, n)))]
+    bolus = jnp.where((d.valid & (d.rate == 0))[:, None], d.amt[:, None] * onehot, 0.0)
+    groups.append((d.t + d.lag, d.valid, d.index * 4 + _START, z_d, z_d, z_d, zn_d, bolus))
+    end = d.t + d.lag + d.dur
+    if cfg.has_inf:
+        ok = d.valid & (d.rate > 0) & jnp.isfinite(end)
+        groups.append((jnp.where(ok, end, 0.0), ok, d.index * 4 + _END, z_d, z_d, z_d, zn_d, zn_d))
+    if cfg.n_ss:
+        is_ss = d.valid & (d.ss != 0)
+        groups.append((d.t, is_ss, d.index * 4 + _SS, f_d, is_ss & (d.ss == 1), is_ss & (d.ss == 2),
+                       yss, zn_d))
+    if cfg.has_residual:
+        ok, r_end = _residual(d)
+        groups.append((r_end, ok, d.index * 4 + _END, z_d, z_d, z_d, zn_d, zn_d))
+    if cfg.has_reset:
+        t_r, mask_r, index_r = resets
+        z_r = jnp.zeros(t_r.shape, bool)
+        groups.append((t_r, mask_r, index_r * 4 + _RESET, mask_r, z_r, z_r,
+                       jnp.zeros((*t_r.shape, n)), jnp.zeros((*t_r.shape, n))))
+    return groups
+
+
+def _residual(d: _Doses) -> tuple[Array, Array]:
+    """Steady-state infusions of the previous cycle still running after the record time: end times."""
+    r_end = d.t + d.lag + d.dur - d.ii
+    ok = d.valid & (d.ss != 0) & (d.rate > 0) & (d.ii > 0) & jnp.isfinite(d.dur) & (r_end > d.t)
+    return ok, jnp.where(ok, r_end, 0.0)
+
+
+def _grid(cfg: _Config, y0, obs, d: _Doses, resets, yss):
+    """The sorted event grid of one subject, with the infusion rate of each segment."""
+    groups = _events(cfg, y0, obs, d, resets, yss)
+    time, valid, order, is_reset, ss1, ss2, y_ss, bolus = (
+        jnp.concatenate(parts) for parts in zip(*groups, strict=True))
+    t_obs, mask_obs, _ = obs
+    firsts = [jnp.where(mask_obs, t_obs, jnp.inf).min(initial=jnp.inf),
+              jnp.where(d.valid, d.t, jnp.inf).min(initial=jnp.inf)]
+    if cfg.has_reset:
+        firsts.append(jnp.where(resets[1], resets[0], jnp.inf).min(initial=jnp.inf))
+    t_init = jnp.min(jnp.stack(firsts))
+    t_init = jnp.where(jnp.isfinite(t_init), t_init, 0.0)  # the first record
+    t_end = jnp.maximum(t_obs.max(initial=-jnp.inf), t_init)  # nothing after the last observation
+    beyond = ~valid | (time > t_end)
+    time = jnp.where(beyond, t_end, jnp.clip(time, t_init, t_end))
+    # (a barrier: with constant data XLA would otherwise constant-fold the sort, slowly)
+    keys = jax.lax.optimization_barrier((order, beyond.astype(jnp.int32), time))
+    perm = jnp.lexsort(keys)
+    pos = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0]))
+    rate = _rates(cfg, d, pos, t_obs.shape[0], (is_reset | ss1)[perm] & ~beyond[perm], y0)
+    return (time[perm], rate, is_reset[perm], ss1[perm], ss2[perm], y_ss[perm], bolus[perm],
+            pos[: t_obs.shape[0]], t_init)
+
+
+def _rates(cfg: _Config, d: _Doses, pos: Array, n_obs: int, cancel: Array, y0: Array) -> Array:
+    """Total infusion rate vector over the segment that ends at each grid point, ``[grid, n]``."""
+    n_grid, n_d = pos.shape[0], d.t.shape[0]
+    if not cfg.has_inf:
+        return jnp.zeros((n_grid, y0.shape[0]), y0.dtype)
+    idx = jnp.arange(n_grid)
+    last_cancel = jax.lax.cummax(jnp.where(cancel, idx, -1))[:, None]
+    i = idx[:, None]
+    start = pos[n_obs: n_obs + n_d]
+    end = pos[n_obs + n_d: n_obs + 2 * n_d]
+    per_dose = (d.rate * d.valid)[:, None] * jax.nn.one_hot(d.cmt, y0.shape[0], dtype=y0.dtype)
+    active = (start <= i) & (i < end) & (last_cancel < start)
+    after = active.astype(y0.dtype) @ per_dose
+    if cfg.has_residual:
+        ss_pos = pos[n_obs + 2 * n_d: n_obs + 3 * n_d]
+        r_pos = pos[n_obs + 3 * n_d: n_obs + 4 * n_d]
+        ok = _residual(d)[0]
+        running = ok & (ss_pos <= i) & (i < r_pos) & (last_cancel <= ss_pos)
+        after = after + running.astype(y0.dtype) @ per_dose
+    return jnp.concatenate([jnp.zeros_like(after[:1]), after[:-1]])
+
+
+# ---------------------------------------------------------------------------- steady state
+def _steady_states(cfg: _Config, pop: Any, params, y0s: Array, doses: _Doses):
+    """Steady states ``[subj, dose, n]`` of the SS doses (None if there are none) and a status."""
+    n_subj, n_states = y0s.shape
+    if not cfg.n_ss:
+        return None, jnp.zeros((n_subj,), jnp.int32)
+    ss_fn = jax.vmap(partial(_ss_states, cfg))
+    if _concrete(pop.dose_ss) is not None:  # known to have steady-state doses
+        return ss_fn(params, y0s, doses)
+    # traced data: skip the fixed points at run time when there are none
+    zeros = (jnp.zeros((n_subj, pop.dose_times.shape[1], n_states), y0s.dtype),
+             jnp.zeros((n_subj,), jnp.int32))
+    any_ss = jnp.any(pop.dose_mask & (pop.dose_ss != 0))
+    return jax.lax.cond(any_ss, ss_fn, lambda *_: zeros, params, y0s, doses)
+
+
+def _ss_states(cfg: _Config, p, y0, d: _Doses):
+    """Steady-state states ``[dose, n]`` (at each SS dose's record time) and a status code."""
+    is_ss = d.valid & (d.ss != 0)
+    n_ss = min(cfg.n_ss, d.t.shape[0])
+    (idx,) = jnp.nonzero(is_ss, size=n_ss, fill_value=0)
+    active = jnp.arange(n_ss) < is_ss.sum()
+    sel = jax.tree.map(lambda a: a[idx], d)
+    y_ss, ok = jax.vmap(partial(_ss_one, cfg, p, y0))(sel, active)
+    slot = jnp.clip(jnp.cumsum(is_ss) - 1, 0, n_ss - 1)
+    status = jnp.where(jnp.all(ok | ~active), 0, SS_FAILED).astype(jnp.int32)
+    return y_ss[slot], status
+
+
+def _ss_residual(cfg: _Config, y, args, adjoint, jac: bool = False):
+    """Residual whose root is the steady state: ``Phi(y) - y`` (II > 0) or ``rhs + rate`` (II = 0).
+
+    With ``jac``, also its Jacobian (the flow's from the variational equations; no autodiff
+    through the solver).
+    """
+    p, y0, t, lag, dur, ii, bolus, rvec, periodic, const = args
+    eye = jnp.eye(y.shape[0], dtype=y.dtype)
+    r, dr = y - y0, eye  # unused slots: trivial root
+    if cfg.has_periodic:
+        phi = (_period_map_jac if jac else _period_map)(cfg, adjoint, p, y, t, lag, dur, ii, bolus,
+                                                        rvec, periodic)
+        r = jnp.where(periodic, (phi[0] if jac else phi) - y, r)
+        dr = jnp.where(periodic, phi[1] - eye, dr) if jac else dr
+    if cfg.has_const:
+        r = jnp.where(const, cfg.rhs(t, y, p) + rvec, r)
+        dr = jnp.where(const, jax.jacfwd(cfg.rhs, argnums=1)(t, y, p), dr) if jac else dr
+    return (r, dr) if jac else r
+
+
+def _ss_one(cfg: _Config, p, y0, d: _Doses, active: Array):
+    """The steady state of one dose: Newton root (no gradients) plus one implicit-function step."""
+    onehot = jax.nn.one_hot(d.cmt, y0.shape[0], dtype=y0.dtype)
+    periodic = active & (d.ii > 0)
+    const = active & (d.ii <= 0)
+    dur = jnp.where(jnp.isfinite(d.dur), d.dur, 0.0)
+    args = (p, y0, d.t, d.lag, dur, jnp.where(periodic, d.ii, 1.0),
+            jnp.where(d.rate == 0, d.amt, 0.0) * onehot, d.rate * onehot, periodic, const)
+    resid = partial(_ss_residual, cfg, adjoint=cfg.adjoint, jac=True)
+    closed = eqx.filter_closure_convert(resid, y0, args)  # closed-over tracers become leaves ...
+    closed, args_ng, y_init = jax.tree.map(_no_grad, (closed, args, y0))  # ... and lose gradients
+    y_root, jac, ok = _newton(closed, y_init, args_ng, 10 * cfg.rtol, 10 * cfg.atol)
+    # y_root does not depend on the parameters; this Newton step from it does, to first order exactly
+    y = y_root - jnp.linalg.solve(jac, _ss_residual(cfg, y_root, args, cfg.adjoint))
+    return y, ok & jnp.all(jnp.isfinite(y))
+
+
+def _newton(resid: Callable, y: Array, args: Any, rtol: float, atol: float, max_iter: int = 64):
+    """Newton's method on ``resid(y, args) -> (r, dr/dy)``: root, last Jacobian, converged flag."""
+
+    def small(y, dy):  # max norm: the ODE error of small states need not be resolved
+        return jnp.max(jnp.abs(dy)) <= atol + rtol * jnp.max(jnp.abs(y))
+
+    def cond(c):
+        it, y, dy, _ = c
+        return (it < max_iter) & ~small(y, dy) & jnp.all(jnp.isfinite(y))
+
+    def body(c):
+        it, y, _, _ = c
+        r, jac = resid(y, args)
+        dy = jnp.linalg.solve(jac, r)
+        return it + 1, y - dy, dy, jac
+
+    init = (jnp.zeros((), jnp.int32), y, jnp.full_like(y, jnp.inf), jnp.eye(y.shape[0], dtype=y.dtype))
+    it, y, dy, jac = jax.lax.while_loop(cond, body, init)
+    ok = small(y, dy) & jnp.all(jnp.isfinite(y))
+    return y, jac, ok
+
+
+def _no_grad(x: Any) -> Any:
+    return jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x
+
+
+def _variational_flow(cfg: _Config, adjoint, p, t0, t1, z, rate):
+    """Flow of ``(y, dy/dy_start)``: the state and its sensitivity to the starting state."""
+
+    def field(t, z, args):
+        y, sens = z
+        dy, tangent = jax.linearize(lambda x: cfg.rhs(t, x, args[0]), y)
+        return dy + args[1], jax.vmap(tangent, in_axes=1, out_axes=1)(sens)
+
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field), cfg.solver, t0, t1, cfg.dt0, z, (p, rate),
+        stepsize_controller=cfg.controller, adjoint=adjoint, max_steps=cfg.max_steps, throw=False)
+    ok = sol.result == diffrax.RESULTS.successful
+    return jax.tree.map(lambda x: jnp.where(ok, x[-1], jnp.nan), sol.ys)
+
+
+def _period_map(cfg: _Config, adjoint, p, y, t, lag, dur, ii, bolus, rvec, on, jac=False):
+    """Flow over the dosing interval ending at ``t`` of the train of doses given at ``lag`` mod II.
+
+    Three segments split at the dose phase and the infusion-end phase; the infusion rate in each is
+    ``rate`` times the number of the train's infusions running then (they may overlap). With
+    ``jac``: ``(Phi(y), dPhi/dy)``.
+    """
+    a = jnp.mod(lag, ii)
+    e = jnp.where(dur > 0, jnp.mod(a + dur, ii), a)
+    bounds = jnp.stack([jnp.zeros_like(a), jnp.minimum(a, e), jnp.maximum(a, e), ii])
+    bounds = jnp.where(on, bounds, 0.0)  # off: zero-length segments, no steps
+    mid = (bounds[:-1] + bounds[1:]) / 2
+    running = jnp.floor((mid - a) / ii) - jnp.floor((mid - a - dur) / ii)
+    first = a <= e
+    zero = jnp.zeros_like(bolus)
+    jumps = jnp.stack([jnp.where(first, bolus, zero), jnp.where(first, zero, bolus), zero])
+    times = t - jnp.where(on, ii, 0.0) + bounds
+
+    def segment(z, x):
+        t0, t1, n_running, jump = x
+        if jac:
+            y, sens = _variational_flow(cfg, adjoint, p, t0, t1, z, n_running * rvec)
+            return (y + jump, sens), None
+        z, res = _flow(cfg, adjoint, p, t0, t1, z, n_running * rvec)
+        return jnp.where(res == 0, z, jnp.nan) + jump, None  # a failed solve poisons the root
+
+    z0 = (y, jnp.eye(y.shape[0], dtype=y.dtype)) if jac else y
+    z, _ = jax.lax.scan(segment, z0, (times[:-1], times[1:], running, jumps))
+    return z
+
+
+def _period_map_jac(cfg: _Config, adjoint, p, y, *rest):
+    """``(Phi(y), dPhi/dy)``. Explicit solvers integrate the variational equations; implicit ones
+    would need second derivatives of ``rhs`` for those, so they push tangents through the solver."""
+    if not isinstance(cfg.solver, diffrax.AbstractImplicitSolver):
+        return _period_map(cfg, adjoint, p, y, *rest, jac=True)
+    phi, tangent = jax.linearize(lambda x: _period_map(cfg, diffrax.ForwardMode(), p, x, *rest), y)
+    return phi, jax.vmap(tangent, out_axes=1)(jnp.eye(y.shape[0], dtype=y.dtype))
