@@ -168,6 +168,16 @@ def solve(
         :data:`NON_FINITE`. Failures never raise, so extreme parameters cannot crash an estimation.
 
     See the module docstring for the dose, reset and steady-state semantics.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, nlmegen
+    >>> pop = nlmegen.read_nonmem(nlmegen.datasets.load("theo_sd"))
+    >>> def rhs(t, y, p):  # depot, central
+    ...     return jnp.stack([-p["ka"] * y[0], p["ka"] * y[0] - p["cl"] / p["v"] * y[1]])
+    >>> states = nlmegen.ode.solve(rhs, pop, {"ka": 1.6, "cl": 2.7, "v": 31.5}, y0=jnp.zeros(2))
+    >>> states.shape, round(float(states[0, 3, 1] / 31.5), 2)
+    ((12, 11, 2), 7.96)
     """
     n_subj = int(pop.times.shape[0])
     cfg = _config(rhs, pop, solver, rtol, atol, max_steps, dt0, adjoint)

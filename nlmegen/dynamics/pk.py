@@ -140,6 +140,14 @@ def one_cmt(
         ``rate`` / ``duration``. Checked on the host when the population's arrays are concrete;
         skipped when the population itself is a `jax.jit` / `jax.vmap` argument (check it once
         outside, e.g. by a call before jitting).
+
+    Examples
+    --------
+    >>> import nlmegen
+    >>> pop = nlmegen.read_nonmem(nlmegen.datasets.load("theo_sd"))
+    >>> conc = nlmegen.pk.one_cmt(pop, cl=2.7, v=31.5, ka=1.6)
+    >>> conc.shape, round(float(conc[0, 3]), 2)
+    ((12, 11), 7.96)
     """
     _check_doses(pop, "one_cmt", ka, duration, rate)
     doses = {"ka": ka, "lag": lag, "f": f, "duration": duration, "rate": rate}

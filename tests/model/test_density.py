@@ -196,3 +196,22 @@ def test_m3_censoring_uses_the_cdf():
     normal = dist.Normal(1.0, 2.0)
     expected = normal.log_prob(2.0) + jnp.log(normal.cdf(0.5)) + jnp.log1p(-normal.cdf(9.0))
     np.testing.assert_allclose(loglik[0], expected, rtol=1e-12)
+
+
+def test_discovery_idr_and_simulated_study():
+    table = nlmegen.examples.simulate_idr(3, key=jax.random.key(0))
+    pop = nlmegen.read_nonmem(table)
+    sites = discover(nlmegen.examples.idr_model, pop)
+    assert [s.name for s in sites.population] == [
+        "log_ka", "log_cl", "log_vc", "log_kin", "log_kout", "log_smax", "log_sc50", "log_n", "omega",
+        "sigma_conc", "sigma_resp"]
+    assert [(s.name, s.shape) for s in sites.random_effects] == [("eta", (4,))]
+    assert [(s.name, pop.outputs[s.output]) for s in sites.observed] == [("conc", "conc"), ("resp", "resp")]
+    obs = table[table["EVID"] == 0]
+    assert np.isfinite(obs["DV"]).all()
+    resp = obs[obs["DVID"] == "resp"]["DV"]
+    assert 10 < resp.median() < 60  # baseline kin/kout = 20, stimulated up to 3x
+    density = Density(nlmegen.examples.idr_model, sites)
+    truth = {k: v for k, v in nlmegen.examples.IDR_TRUTH.items()}
+    lp = density.subject_log_joint(density.theta_space.unconstrain(truth), jnp.zeros((3, 4)), pop)
+    assert lp.shape == (3,) and np.all(np.isfinite(lp))
