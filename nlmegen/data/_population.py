@@ -166,14 +166,17 @@ class Population(eqx.Module):
         ``t``; beyond the records the nearest record's value holds.
         """
         values = self.cov_values[name]
-        rule = self.interpolation_of(name)
+        t = jnp.asarray(t)
         per_subject = self.cov_times.ndim == 1
-        if values.ndim == self.cov_times.ndim - 1:  # constant covariate
-            return values if per_subject else jnp.broadcast_to(values.reshape((-1,) + (1,) * max(jnp.ndim(t) - 1, 0)),
-                                                               jnp.broadcast_shapes(values.shape[:1], jnp.shape(t)))
+        if values.ndim == self.cov_times.ndim - 1:  # constant covariate: one value per subject
+            if per_subject:
+                return jnp.broadcast_to(values, t.shape)
+            lead = values.reshape((-1,) + (1,) * max(t.ndim - 1, 0))
+            return jnp.broadcast_to(lead, jnp.broadcast_shapes(lead.shape, t.shape))
+        rule = self.interpolation_of(name)
         if per_subject:
-            return _step(self.cov_times, self.cov_mask, values, jnp.asarray(t), rule)
-        t = jnp.broadcast_to(jnp.asarray(t), (self.n_subjects,) + jnp.shape(t)[1:] if jnp.ndim(t) else (self.n_subjects,))
+            return _step(self.cov_times, self.cov_mask, values, t, rule)
+        t = jnp.broadcast_to(t, (self.n_subjects,) + t.shape[1:]) if t.ndim else jnp.full(self.n_subjects, t)
         return jax.vmap(lambda a, m, v, x: _step(a, m, v, x, rule))(self.cov_times, self.cov_mask, values, t)
 
     # ------------------------------------------------------------------ conversions and edits

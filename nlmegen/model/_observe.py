@@ -40,7 +40,7 @@ class Censored(dist.Distribution):
     def log_prob(self, value):
         censored = self.cens != 0
         finite_limit = jnp.where(censored & jnp.isfinite(self.limit), self.limit, 0.0)
-        safe_value = jnp.where(censored, self.base.mean * 0.0 + finite_limit, value)
+        safe_value = jnp.where(censored, finite_limit, value)  # no NaN gradients from censored DVs
         density = self.base.log_prob(safe_value)
         cdf = self.base.cdf(finite_limit)
         tiny = jnp.finfo(jnp.result_type(cdf)).tiny
