@@ -178,10 +178,13 @@ class Density:
 
     def subject_terms(self, theta: Array, eta: Array, pop) -> tuple[Array, Array]:
         """``(log p(y_i | eta_i, theta), log p(eta_i | theta) + log|J_i|)``, each ``[subj]``."""
-        tr = self.trace(theta, eta, pop)
+        return self.terms_of_trace(self.trace(theta, eta, pop), eta, pop)
+
+    def terms_of_trace(self, tr: dict, eta: Array, pop) -> tuple[Array, Array]:
+        """`subject_terms` from a trace already computed (backends that also read the sites)."""
         loglik = jnp.zeros(pop.n_subjects)
         prior = self.eta_space.log_abs_det_jacobian(eta)
-        for name, site in tr.items():
+        for site in tr.values():
             if site["type"] != "sample" or SUBJECT_PLATE not in _plates(site):
                 continue
             lp = _site_log_prob(site, pop.n_subjects)

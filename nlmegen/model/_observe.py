@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jax import Array
@@ -39,13 +41,11 @@ class Censored(dist.Distribution):
 
     def log_prob(self, value):
         censored = self.cens != 0
-        finite_limit = jnp.where(censored & jnp.isfinite(self.limit), self.limit, 0.0)
-        safe_value = jnp.where(censored, finite_limit, value)  # no NaN gradients from censored DVs
-        density = self.base.log_prob(safe_value)
-        cdf = self.base.cdf(finite_limit)
-        tiny = jnp.finfo(jnp.result_type(cdf)).tiny
-        lower = jnp.log(jnp.clip(cdf, tiny, 1.0))
-        upper = jnp.log(jnp.clip(1.0 - cdf, tiny, 1.0))
+        # uncensored records evaluate the CDF at the mean, censored ones the density at the limit:
+        # both branches stay finite, so neither poisons gradients (the double-where rule)
+        limit = jnp.where(censored & jnp.isfinite(self.limit), self.limit, self.base.mean)
+        density = self.base.log_prob(jnp.where(censored, limit, value))
+        lower, upper = _log_cdf_and_survival(self.base, limit)
         return jnp.where(self.cens == 1, lower, jnp.where(self.cens == -1, upper, density))
 
     @property
@@ -55,6 +55,16 @@ class Censored(dist.Distribution):
     @property
     def variance(self):
         return self.base.variance
+
+
+def _log_cdf_and_survival(base: dist.Distribution, x: Array) -> tuple[Array, Array]:
+    """log P(Y <= x) and log P(Y > x), accurate in the tails for Gaussians (log_ndtr)."""
+    if isinstance(base, dist.Normal):
+        z = (x - base.loc) / base.scale
+        return jax.scipy.special.log_ndtr(z), jax.scipy.special.log_ndtr(-z)
+    cdf = base.cdf(x)
+    tiny = jnp.finfo(jnp.result_type(cdf)).tiny
+    return jnp.log(jnp.clip(cdf, tiny, 1.0)), jnp.log(jnp.clip(1.0 - cdf, tiny, 1.0))
 
 
 def observe(name: str, distribution: dist.Distribution, pop, *, output: str | int | None = None):
@@ -109,10 +119,9 @@ def observe(name: str, distribution: dist.Distribution, pop, *, output: str | in
 
 
 def _has_censoring(pop) -> bool:
-    try:
-        return bool((pop.cens != 0).any())
-    except Exception:  # traced population: keep the censoring path, it is exact for cens == 0 too
+    if isinstance(pop.cens, jax.core.Tracer):  # traced population: keep the censoring path (exact for cens 0)
         return True
+    return bool(np.any(np.asarray(pop.cens) != 0))
 
 
 def additive(pred: Array, sd: Array) -> dist.Normal:
