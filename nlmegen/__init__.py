@@ -26,10 +26,17 @@ from .model import observe as observe  # noqa: E402
 from .model import proportional as proportional  # noqa: E402
 from .model import subjects as subjects  # noqa: E402
 from .simulate import simulate as simulate  # noqa: E402
+from .infer import FO as FO  # noqa: E402
+from .infer import FOCE as FOCE  # noqa: E402
+from .infer import FOCEI as FOCEI  # noqa: E402
+from .infer import Laplace as Laplace  # noqa: E402
+from .infer import fit as fit  # noqa: E402
+from .infer import objective as objective  # noqa: E402
 
 from . import examples as examples  # noqa: E402,I001  (needs the names above)
 
 __version__ = "0.1.0"
 
-__all__ = ["DataError", "ModelError", "Population", "additive", "combined", "datasets", "examples", "nn",
-           "observe", "ode", "pk", "proportional", "read_nonmem", "simulate", "subjects"]
+__all__ = ["FO", "FOCE", "FOCEI", "DataError", "Laplace", "ModelError", "Population", "additive", "combined",
+           "datasets", "examples", "fit", "nn", "objective", "observe", "ode", "pk", "proportional", "read_nonmem",
+           "simulate", "subjects"]

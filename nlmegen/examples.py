@@ -23,7 +23,7 @@ from .data import Population, read_nonmem
 from .dynamics import ode, pk
 from .model import additive, observe, proportional, subjects
 
-__all__ = ["IDR_TRUTH", "idr_model", "idr_population", "idr_rhs", "simulate_idr", "theo_model"]
+__all__ = ["IDR_TRUTH", "idr_model", "idr_population", "idr_rhs", "simulate_idr", "theo_model", "theo_model_full"]
 
 
 def theo_model(pop: Population) -> None:
@@ -44,6 +44,25 @@ def theo_model(pop: Population) -> None:
         cl = jnp.exp(tcl + eta[..., 1])
         v = jnp.exp(tv + eta[..., 2])
         conc = pk.one_cmt(pop, cl=cl, v=v, ka=ka)
+        observe("conc", additive(conc, add_sd), pop)
+
+
+def theo_model_full(pop: Population) -> None:
+    """:func:`theo_model` with a full-block Omega: ``eta ~ N(0, diag(omega) C diag(omega))``.
+
+    The correlation matrix is parameterised by its Cholesky factor (``LKJCholesky`` support), so
+    the unconstrained parameters are log standard deviations and the corr-Cholesky coordinates.
+    """
+    tka = numpyro.sample("tka", dist.Normal(0.5, 2.0))
+    tcl = numpyro.sample("tcl", dist.Normal(1.0, 2.0))
+    tv = numpyro.sample("tv", dist.Normal(3.5, 2.0))
+    omega = numpyro.sample("omega", dist.HalfNormal(jnp.ones(3)).to_event(1))
+    corr = numpyro.sample("omega_corr", dist.LKJCholesky(3, 2.0))
+    add_sd = numpyro.sample("add_sd", dist.HalfNormal(2.0))
+    with subjects(pop):
+        eta = numpyro.sample("eta", dist.MultivariateNormal(jnp.zeros(3), scale_tril=omega[..., None] * corr))
+        conc = pk.one_cmt(pop, ka=jnp.exp(tka + eta[..., 0]), cl=jnp.exp(tcl + eta[..., 1]),
+                          v=jnp.exp(tv + eta[..., 2]))
         observe("conc", additive(conc, add_sd), pop)
 
 

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-__all__ = ["Population"]
+__all__ = ["ALL_FEATURES", "Population"]
+
+ALL_FEATURES = frozenset({"infusion", "steady_state", "reset"})
 
 
 class Population(eqx.Module):
@@ -83,6 +85,10 @@ class Population(eqx.Module):
         Text covariates are coded 0, 1, ... in this label order (static).
     columns : tuple of str
         Original column names of the input table, in order (static).
+    features : frozenset of str
+        Dose-event kinds present: ``"infusion"``, ``"steady_state"``, ``"reset"`` (static). The
+        dynamics leave out the code for kinds that never occur, which keeps compiled programs small
+        even when the population is a `jax.jit` argument. Defaults to all kinds.
     """
 
     times: Float[Array, "subj obs"]
@@ -117,6 +123,7 @@ class Population(eqx.Module):
     interpolation: tuple = eqx.field(static=True, default=())
     categories: tuple = eqx.field(static=True, default=())
     columns: tuple = eqx.field(static=True, default=())
+    features: frozenset = eqx.field(static=True, default=ALL_FEATURES)
 
     # ------------------------------------------------------------------ sizes and look-ups
     @property

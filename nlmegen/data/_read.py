@@ -262,7 +262,21 @@ def _build(records: pd.DataFrame, roles, rules: dict, categories: tuple, columns
         covariates={k: jnp.asarray(v) for k, v in covs.items()},
         cov_values={k: jnp.asarray(v) for k, v in cov_values.items()},
         ids=ids, outputs=outputs, interpolation=tuple(rules.items()), categories=categories, columns=columns,
+        features=_features(arrays),
     )
+
+
+def _features(arrays: dict) -> frozenset:
+    """Which dose-event kinds occur (see `Population.features`)."""
+    real = arrays["dose_mask"]
+    found = set()
+    if np.any(real & (arrays["dose_rates"] != 0)):
+        found.add("infusion")
+    if np.any(real & (arrays["dose_ss"] != 0)):
+        found.add("steady_state")
+    if np.any(arrays["reset_mask"]):
+        found.add("reset")
+    return frozenset(found)
 
 
 def _output_labels(records: pd.DataFrame) -> tuple[str, ...]:

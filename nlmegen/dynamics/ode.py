@@ -217,9 +217,12 @@ def _config(rhs, pop, solver, rtol, atol, max_steps, dt0, adjoint) -> _Config:
         controller=diffrax.PIDController(rtol=rtol, atol=atol),
         adjoint=_DEFAULT_ADJOINT if adjoint is None else adjoint,
         max_steps=int(max_steps), dt0=dt0, rtol=float(rtol), atol=float(atol))
-    if any(a is None for a in arrays):
-        return _Config(**settings, has_inf=True, n_ss=n_doses, has_residual=True,
-                       has_periodic=True, has_const=True, has_reset=pop.reset_times.shape[1] > 0)
+    if any(a is None for a in arrays):  # traced data: the population's static features still tell
+        feats = getattr(pop, "features", frozenset({"infusion", "steady_state", "reset"}))
+        ss, inf = "steady_state" in feats, "infusion" in feats
+        return _Config(**settings, has_inf=inf, n_ss=n_doses if ss else 0, has_residual=ss and inf,
+                       has_periodic=ss, has_const=ss and inf,
+                       has_reset=("reset" in feats) and pop.reset_times.shape[1] > 0)
     mask, rates, ss, ii, reset_mask = arrays
     inf = mask & (rates != 0)
     is_ss = mask & (ss != 0)

@@ -60,6 +60,7 @@ PerCmt = ArrayLike | Mapping[int, ArrayLike]
 # Gauss quadrature of its integral form: its error (~x^4 / 4320) and the cancellation error of the
 # plain quotient (~1e-16 / x) are then both below ~1e-13.
 _NEAR = 3e-3
+_ALL_FEATURES = frozenset({"infusion", "steady_state", "reset"})  # hand-built populations: assume any
 
 
 class _Events(NamedTuple):
@@ -285,12 +286,13 @@ def _concentration(pop: Any, model: str, disposition: dict, doses: dict) -> Arra
     single = ev.times.ndim == 1
     if single:  # one subject, e.g. under jax.vmap over the population
         ev = _Events(*(x[None] for x in ev))
-    conc = _superpose(model, ev, disposition, doses)
+    features = getattr(pop, "features", _ALL_FEATURES)
+    conc = _superpose(model, ev, disposition, doses, features)
     return conc[0] if single else conc
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _superpose(model: str, ev: _Events, disposition: dict, doses: dict) -> Array:
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _superpose(model: str, ev: _Events, disposition: dict, doses: dict, features: frozenset) -> Array:
     """Sum over doses of each dose's central amount at every observation, divided by ``V``.
 
     Jitted so that eager calls compile once per shape instead of dispatching many small ops.
@@ -299,9 +301,11 @@ def _superpose(model: str, ev: _Events, disposition: dict, doses: dict) -> Array
     lams, coefs, vc = _MODELS[model](**params)  # [S, 1, 1, n] (or [n]) and [S, 1, 1]
     if ev.dose_times.shape[-1] == 0:
         return jnp.zeros(ev.times.shape, dtype=float)
-    inputs, on = _dose_inputs(ev, doses["lag"], doses["f"], doses["duration"], doses["rate"])
+    inputs, on = _dose_inputs(ev, doses["lag"], doses["f"], doses["duration"], doses["rate"], features)
 
     def response(r: Array) -> Array:
+        if not features & {"infusion", "steady_state"}:  # boluses only: a much smaller program
+            return inputs.amt * jnp.exp(-r * jnp.maximum(inputs.tau, 0.0))
         return _response(r, inputs)
 
     # eigenvalues [S, 1, 1, n] against dose inputs [S, O, D, 1]
@@ -334,7 +338,8 @@ def _per_dose(value: PerCmt | None, cmts: Array, default: float) -> Array:
 
 
 def _dose_inputs(
-    ev: _Events, lag: PerCmt, f: PerCmt, duration: PerCmt | None, rate: PerCmt | None
+    ev: _Events, lag: PerCmt, f: PerCmt, duration: PerCmt | None, rate: PerCmt | None,
+    features: frozenset = frozenset({"infusion", "steady_state", "reset"}),
 ) -> tuple[_Doses, Array]:
     """Resolve NONMEM dose coding (RATE, SS, II, F, ALAG, D, R) into operator inputs and a mask.
 
@@ -360,7 +365,9 @@ def _dose_inputs(
     span = jnp.maximum(tau, 0.0) + jnp.where(bolus | const, 0.0, dur)[:, None, :]
     span = span + jnp.where(steady, ii, 0.0)[:, None, :]
     before = ev.dose_mask[:, None, :] & _precedes(t_dose, i_dose, t_obs, i_obs)
-    on = before & ~_reset_between(ev) & ((steady | const)[:, None, :] | (tau >= 0.0))
+    if features & {"reset", "steady_state"}:
+        before = before & ~_reset_between(ev)
+    on = before & ((steady | const)[:, None, :] | (tau >= 0.0))
 
     def full(x: Array) -> Array:
         return jnp.broadcast_to(x[:, None, :] if x.ndim == 2 else x, tau.shape)[..., None]

@@ -1,0 +1,77 @@
+"""Starting values and labels of the population parameters (shared by the backends)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+from numpyro.infer.initialization import init_to_median
+
+from .._errors import ModelError
+
+__all__ = ["initial_values", "theta_labels"]
+
+
+def _check_names(kind: str, given: Mapping, population: list[str], random: list[str]) -> None:
+    for name in given:
+        if name in random:
+            raise ModelError(f"{kind}: {name!r} is a random-effect site; {kind} takes population parameters "
+                             f"{population}")
+        if name not in population:
+            raise ModelError(f"{kind}: {name!r} is not a population parameter of the model; population "
+                             f"parameters: {population}")
+
+
+def _as_value(name: str, value, shape: tuple):
+    if isinstance(value, Mapping):  # pytree-valued param site (network weights)
+        return jax.tree_util.tree_map(jnp.asarray, value)
+    arr = jnp.asarray(value, dtype=float)
+    try:
+        return jnp.broadcast_to(arr, shape)
+    except ValueError:
+        raise ModelError(f"value of {name!r} has shape {arr.shape}; the site has shape {shape}") from None
+
+
+def initial_values(model, pop, sites, init: Mapping | None, fixed: Mapping | None) -> tuple[dict, tuple]:
+    """Starting values of every population parameter on the user's scale, and the fixed names.
+
+    The default start of a sample site is the median of its prior (NumPyro's ``init_to_median``,
+    101 draws with seed 0); a ``numpyro.param`` site starts at its own initial value. ``init``
+    overrides starts; ``fixed`` holds sites at given values (and wins over ``init``).
+    """
+    init, fixed = dict(init or {}), dict(fixed or {})
+    population = [s.name for s in sites.population]
+    random = [s.name for s in sites.random_effects]
+    _check_names("init", init, population, random)
+    _check_names("fixed", fixed, population, random)
+    seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_median(num_samples=101))
+    tr = handlers.trace(seeded).get_trace(pop)
+    values = {}
+    for site in sites.population:
+        given = fixed.get(site.name, init.get(site.name))
+        values[site.name] = tr[site.name]["value"] if given is None else _as_value(site.name, given, site.shape)
+    return values, tuple(n for n in population if n in fixed)
+
+
+def theta_labels(space) -> list[str]:
+    """One label per unconstrained element: ``name`` for scalar sites, ``name[i]`` otherwise."""
+    labels = []
+    for block in space.blocks:
+        size = block.stop - block.start
+        if size == 1 and block.leaf_shapes is None and tuple(block.site.shape) == ():
+            labels.append(block.site.name)
+        else:
+            labels.extend(f"{block.site.name}[{i}]" for i in range(size))
+    return labels
+
+
+def constrained_labels(values: dict) -> list[str]:
+    """Labels of the flattened user-scale values (same rule as `theta_labels`)."""
+    labels = []
+    for name, value in values.items():
+        arr = np.asarray(value)
+        labels.extend([name] if arr.ndim == 0 else [f"{name}[{i}]" for i in range(arr.size)])
+    return labels
