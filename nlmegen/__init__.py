@@ -32,11 +32,13 @@ from .infer import FOCEI as FOCEI  # noqa: E402
 from .infer import Laplace as Laplace  # noqa: E402
 from .infer import fit as fit  # noqa: E402
 from .infer import objective as objective  # noqa: E402
+from .infer import FitResult as FitResult  # noqa: E402
+from .io import load as load  # noqa: E402
 
 from . import examples as examples  # noqa: E402,I001  (needs the names above)
 
 __version__ = "0.1.0"
 
 __all__ = ["FO", "FOCE", "FOCEI", "DataError", "Laplace", "ModelError", "Population", "additive", "combined",
-           "datasets", "examples", "fit", "nn", "objective", "observe", "ode", "pk", "proportional", "read_nonmem",
+           "FitResult", "datasets", "examples", "fit", "load", "nn", "objective", "observe", "ode", "pk", "proportional", "read_nonmem",
            "simulate", "subjects"]

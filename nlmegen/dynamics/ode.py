@@ -42,6 +42,9 @@ which diffrax offers only with ``DirectAdjoint``: measured 5x the compile time o
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -56,7 +59,7 @@ from jaxtyping import Array, PyTree
 if TYPE_CHECKING:
     from ..data import Population
 
-__all__ = ["NON_FINITE", "SS_FAILED", "solve"]
+__all__ = ["NON_FINITE", "SS_FAILED", "forward_mode", "solve"]
 
 #: Status code: the steady-state fixed point did not converge (or was not finite).
 SS_FAILED = 100
@@ -66,6 +69,24 @@ NON_FINITE = 101
 # segments are short: 64 checkpoints (not diffrax's default sqrt(max_steps)) made IDR gradients
 # 1.6x faster, with 7x less memory
 _DEFAULT_ADJOINT = diffrax.RecursiveCheckpointAdjoint(checkpoints=64)
+# Backends whose derivatives are all forward mode (FOCE/FOCEI/Laplace) trace models inside
+# `forward_mode()`, which switches the default adjoint of every `solve` to `diffrax.ForwardMode`.
+_ADJOINT_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("nlmegen_ode_adjoint", default=None)
+
+
+@contextlib.contextmanager
+def forward_mode():
+    """Within this block, `solve` calls without an explicit ``adjoint`` use `diffrax.ForwardMode`.
+
+    Forward-mode sensitivities are the cheaper route for models with few parameters per subject
+    (FOCE's ``df/d eta``, the outer gradient of the objective) and reverse-mode adjoints cannot be
+    differentiated forward. Estimation backends enter this block while their functions are traced.
+    """
+    token = _ADJOINT_OVERRIDE.set(diffrax.ForwardMode())
+    try:
+        yield
+    finally:
+        _ADJOINT_OVERRIDE.reset(token)
 
 # tie-breaks between events of the same record: reset, steady-state reset, dose start, infusion end
 _RESET, _SS, _START, _END = 0, 1, 2, 3
@@ -215,7 +236,7 @@ def _config(rhs, pop, solver, rtol, atol, max_steps, dt0, adjoint) -> _Config:
     settings = dict(
         rhs=rhs, solver=diffrax.Tsit5() if solver is None else solver,
         controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        adjoint=_DEFAULT_ADJOINT if adjoint is None else adjoint,
+        adjoint=(_ADJOINT_OVERRIDE.get() or _DEFAULT_ADJOINT) if adjoint is None else adjoint,
         max_steps=int(max_steps), dt0=dt0, rtol=float(rtol), atol=float(atol))
     if any(a is None for a in arrays):  # traced data: the population's static features still tell
         feats = getattr(pop, "features", frozenset({"infusion", "steady_state", "reset"}))

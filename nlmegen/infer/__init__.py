@@ -6,5 +6,6 @@ from ._laplace import FO as FO
 from ._laplace import FOCE as FOCE
 from ._laplace import FOCEI as FOCEI
 from ._laplace import Laplace as Laplace
+from ._result import FitResult as FitResult
 
-__all__ = ["FO", "FOCE", "FOCEI", "Laplace", "fit", "objective"]
+__all__ = ["FO", "FOCE", "FOCEI", "FitResult", "Laplace", "fit", "objective"]

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..model import Density
 from ._covariance import delta_method
-from ._objective import _jacobian_blocks, _unwrap
+from ._objective import _fwd_grad, _jacobian_blocks, _unwrap
 from ._result import FitResult
 from ._start import theta_labels
 
@@ -52,13 +52,17 @@ def _standard_errors(problem, x_hat: np.ndarray, covariance) -> tuple[dict, np.n
                 for k, v in values.items()}, None
     theta0, free = jnp.asarray(problem.theta0), np.flatnonzero(problem.free)
 
-    def flat(x):
-        leaves = jax.tree_util.tree_leaves(space.constrain(theta0.at[free].set(x)))
+    def flat(x):  # site by site in the order of `values` (tree_leaves would sort the names)
+        constrained = space.constrain(theta0.at[free].set(x))
+        leaves = [leaf for name in values for leaf in jax.tree_util.tree_leaves(constrained[name])]
         return jnp.concatenate([jnp.ravel(v) for v in leaves]) if leaves else jnp.zeros(0)
 
     jac = np.asarray(jax.jacfwd(flat)(jnp.asarray(x_hat)))
     se_flat = np.sqrt(np.clip(np.diag(delta_method(jac, covariance)), 0.0, None))
-    return _per_site(values, se_flat), np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+    se = _per_site(values, se_flat)
+    for name in problem.fixed_names:  # not estimated: no standard error (rather than a false 0)
+        se[name] = np.full(np.shape(se[name]), np.nan)
+    return se, np.sqrt(np.clip(np.diag(covariance), 0.0, None))
 
 
 def _ebe_table(problem, eta) -> pd.DataFrame:
@@ -79,7 +83,7 @@ def _shrinkage(problem, theta, eta, ipred, var) -> dict[str, np.ndarray]:
     obj, pop = problem.objective, problem.pop
     out = {}
     if eta.shape[1]:
-        grad_prior = jax.grad(lambda e: jnp.sum(obj._trace_parts(jnp.asarray(theta), e, pop)["prior"]))
+        grad_prior = lambda e: _fwd_grad(lambda x: obj._trace_parts(jnp.asarray(theta), x, pop)["prior"], e)  # noqa: E731
         precision = -_jacobian_blocks(grad_prior, jnp.zeros_like(eta), eta.shape[1])
         omega = np.sqrt(np.mean(np.diagonal(np.linalg.inv(np.asarray(precision)), axis1=1, axis2=2), axis=0))
         out["eta"] = 100.0 * (1.0 - np.std(np.asarray(eta), axis=0, ddof=1) / omega)
@@ -130,6 +134,7 @@ def _settings(backend) -> dict:
 def _transforms(density: Density) -> dict:
     from numpyro.distributions.transforms import biject_to
 
-    return {s.name: biject_to(s.support) for s in density.sites.population if s.leaf_shapes is None}
+    sites = [s for s in density.sites.population if s.leaf_shapes is None] + list(density.sites.random_effects)
+    return {s.name: biject_to(s.support) for s in sites}
 
 

@@ -261,7 +261,14 @@ def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, e
         return jnp.sum(ofv_i), ebe
 
     def value_and_grad(theta_free, theta_all, eta0, pop):
-        (ofv, ebe), grad = jax.value_and_grad(total, has_aux=True)(theta_free, theta_all, eta0, pop)
+        # forward mode: one tangent per free parameter; the primal (and the EBE search, which does
+        # not depend on the tangents) is computed once under vmap
+        def fn(t):
+            return total(t, theta_all, eta0, pop)
+
+        basis = jnp.eye(theta_free.size, dtype=theta_free.dtype)
+        ofv, grad, ebe = jax.vmap(lambda v: jax.jvp(fn, (theta_free,), (v,), has_aux=True),
+                                  out_axes=(None, 0, None))(basis)
         return ofv, grad, ebe.eta, ebe
 
     def subject_jacobian(theta_free, theta_all, eta0, pop):

@@ -36,6 +36,7 @@ import numpyro.distributions as dist
 from jax import Array
 
 from .._errors import ModelError
+from ..dynamics.ode import forward_mode
 from ..model import Density
 from ..model._observe import Censored
 
@@ -86,7 +87,8 @@ class Objective:
     # ----------------------------------------------------------------- model pieces
     def _trace_parts(self, theta: Array, eta: Array, pop) -> dict:
         """One model run: log-likelihood and prior per subject, and the Gaussian observation parts."""
-        tr = self.density.trace(theta, eta, pop)
+        with forward_mode():  # every derivative here is forward mode (ODE models included)
+            tr = self.density.trace(theta, eta, pop)
         loglik, prior = self.density.terms_of_trace(tr, eta, pop)
         out = {"loglik": loglik, "prior": prior}
         if self.method != "laplace":
@@ -125,7 +127,7 @@ class Objective:
         var0 = self.frozen_variance(theta, pop)
 
         def optimality(eta):
-            return jax.grad(lambda e: jnp.sum(self.joint(theta, e, pop, var0)))(eta)
+            return _fwd_grad(lambda e: self.joint(theta, e, pop, var0), eta)
 
         def tangent_solve(linear, rhs):
             hess = _block_columns(linear, rhs.shape)  # [subj, d, d] = d optimality / d eta
@@ -144,9 +146,9 @@ class Objective:
         """``A_i`` of the method (see module docstring), ``[subj, d, d]``."""
         d = self.n_eta
         if self.method == "laplace":
-            grad = lambda e: jax.grad(lambda x: jnp.sum(self.joint(theta, x, pop)))(e)  # noqa: E731
+            grad = lambda e: _fwd_grad(lambda x: self.joint(theta, x, pop), e)  # noqa: E731
             return -_jacobian_blocks(grad, eta, d)
-        grad_prior = lambda e: jax.grad(lambda x: jnp.sum(self._trace_parts(theta, x, pop)["prior"]))(e)  # noqa: E731
+        grad_prior = lambda e: _fwd_grad(lambda x: self._trace_parts(theta, x, pop)["prior"], e)  # noqa: E731
         a = -_jacobian_blocks(grad_prior, eta, d)
 
         def obs(e):
@@ -181,7 +183,7 @@ class Objective:
     def _fo_ofv(self, theta: Array, pop) -> Array:
         """First-order: marginal Gaussian of the model linearised at eta = 0 (Woodbury form)."""
         zero = jnp.zeros((pop.n_subjects, self.n_eta))
-        grad_prior = lambda e: jax.grad(lambda x: jnp.sum(self._trace_parts(theta, x, pop)["prior"]))(e)  # noqa: E731
+        grad_prior = lambda e: _fwd_grad(lambda x: self._trace_parts(theta, x, pop)["prior"], e)  # noqa: E731
         precision = -_jacobian_blocks(grad_prior, zero, self.n_eta)  # Omega^-1
 
         def obs(e):
@@ -255,6 +257,12 @@ def _basis(shape: tuple, d: int) -> Array:
     return jnp.broadcast_to(jnp.eye(d)[:, None, :], (d, *shape))
 
 
+def _fwd_grad(fn, eta: Array) -> Array:
+    """Per-subject gradients ``[subj, d]`` of ``fn: [subj, d] -> [subj]`` by ``d`` forward-mode passes."""
+    cols = jax.vmap(lambda t: jax.jvp(fn, (eta,), (t,))[1])(_basis(eta.shape, eta.shape[-1]))  # [d, subj]
+    return jnp.moveaxis(cols, 0, -1)
+
+
 def _jacobian_blocks(fn, eta: Array, d: int) -> Array:
     """Per-subject Jacobians ``[subj, d, d]`` of ``fn: [subj, d] -> [subj, d]`` (subjects independent)."""
     cols = jax.vmap(lambda t: jax.jvp(fn, (eta,), (t,))[1])(_basis(eta.shape, d))  # [k, subj, d]
@@ -284,7 +292,7 @@ def _positive_definite(a: Array, floor: float = 1e-8) -> Array:
 
 def _newton(objective, matrix, eta0: Array, max_iter: int, gtol: float, max_halvings: int) -> EBEState:
     """Maximise ``objective: [subj, d] -> [subj]`` for all subjects at once (damped Newton)."""
-    grad_fn = jax.grad(lambda e: jnp.sum(objective(e)))
+    grad_fn = lambda e: _fwd_grad(objective, e)  # noqa: E731
 
     def gnorm(g):
         return jnp.max(jnp.abs(g), axis=-1) if g.shape[-1] else jnp.zeros(g.shape[:1])

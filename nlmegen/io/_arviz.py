@@ -1,0 +1,434 @@
+"""`FitResult` <-> ArviZ `DataTree` and netCDF files.
+
+All ArviZ / xarray imports are inside the functions, so importing nlmegen does not load them.
+
+File format of `save` (a netCDF-4 file written by h5netcdf, readable by
+``xarray.open_datatree``): root attributes ``nlmegen_format = "FitResult"``,
+``nlmegen_format_version`` and ``nlmegen_meta`` (JSON: scalars, strings, tuples, dicts, the
+support name of each transform, and the layout of the tables); groups ``arrays`` (the NumPy
+fields), ``params``, ``se``, ``shrinkage``, ``draws`` (one variable per key) and ``ebes``,
+``history`` (one variable per column, ``index`` for the row labels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ..infer._result import _json_default, label_site
+
+if TYPE_CHECKING:
+    from ..infer._result import FitResult
+
+__all__ = ["load", "save", "to_arviz"]
+
+FORMAT, FORMAT_VERSION = "FitResult", 1
+SAMPLE_STATS = ("lp", "diverging", "accept_prob", "step_size", "tree_depth", "n_steps", "num_steps",
+                "energy", "potential_energy", "mean_tree_accept")
+NAMED_SUPPORTS = ("real", "positive", "unit_interval", "corr_cholesky", "corr_matrix", "lower_cholesky",
+                  "scaled_unit_lower_cholesky", "softplus_lower_cholesky", "softplus_positive", "simplex",
+                  "ordered_vector", "positive_ordered_vector", "positive_definite", "real_vector", "real_matrix",
+                  "l1_ball", "circular")
+_ARRAYS = ("times", "dv", "mask", "dvid", "pred", "ipred", "theta", "free", "ebe_cov", "ebe_converged",
+           "covariance", "se_unconstrained")
+_SCALARS = ("method", "ofv", "loglik", "aic", "bic", "n_obs", "n_params", "n_subjects", "status", "message",
+            "covariance_kind", "timings", "settings")
+_TUPLES = ("ids", "outputs", "theta_names", "warnings", "fixed")
+
+
+# ---------------------------------------------------------------------- support names
+def _constraint_name(c: Any) -> str | None:
+    from numpyro.distributions import constraints as C
+
+    if isinstance(c, C._IndependentConstraint):
+        inner = _constraint_name(c.base_constraint)
+        return None if inner is None else f"independent({inner},{int(c.reinterpreted_batch_ndims)})"
+    for name in NAMED_SUPPORTS:
+        if getattr(C, name, None) is c:
+            return name
+    bounds = {C._GreaterThan: ("greater_than", "lower_bound"), C._LessThan: ("less_than", "upper_bound")}
+    if type(c) in bounds and np.ndim(getattr(c, bounds[type(c)][1])) == 0:
+        fn, attr = bounds[type(c)]
+        return f"{fn}({float(getattr(c, attr))!r})"
+    if type(c) is C._Interval and np.ndim(c.lower_bound) == 0 and np.ndim(c.upper_bound) == 0:
+        return f"interval({float(c.lower_bound)!r},{float(c.upper_bound)!r})"
+    return None
+
+
+def _constraint(name: str) -> Any:
+    from numpyro.distributions import constraints as C
+
+    if m := re.fullmatch(r"independent\((.+),(\d+)\)", name):
+        return C.independent(_constraint(m.group(1)), int(m.group(2)))
+    if m := re.fullmatch(r"(greater_than|less_than)\(([^,]+)\)", name):
+        return getattr(C, m.group(1))(float(m.group(2)))
+    if m := re.fullmatch(r"interval\(([^,]+),([^,]+)\)", name):
+        return C.interval(float(m.group(1)), float(m.group(2)))
+    if name in NAMED_SUPPORTS:
+        return getattr(C, name)
+    raise ValueError(f"unknown support {name!r}")
+
+
+def transform_from_name(name: str | None) -> Any:
+    """``biject_to`` of the support called ``name`` (as written by `support_name`); None if unknown."""
+    from numpyro.distributions.transforms import biject_to
+
+    if not name:
+        return None
+    try:
+        return biject_to(_constraint(name))
+    except (ValueError, NotImplementedError, TypeError):
+        return None
+
+
+def support_name(transform: Any) -> str | None:
+    """Name of the support whose ``biject_to`` is ``transform`` (``"positive"``, ``"interval(0.0,1.0)"``).
+
+    None when no name rebuilds an equal transform (the site is then held at its estimate in
+    `to_arviz` after `load`).
+    """
+    if transform is None:
+        return None
+    candidates = [_constraint_name(getattr(transform, "codomain", None)), *NAMED_SUPPORTS]
+    for name in candidates:
+        if name is None:
+            continue
+        rebuilt = transform_from_name(name)
+        try:
+            if rebuilt is not None and bool(np.all(rebuilt == transform)):
+                return name
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------- draws
+def _root(cov: np.ndarray) -> np.ndarray | None:
+    """A square root ``R`` with ``R R' = cov`` (negative eigenvalues clipped); None if not finite."""
+    cov = np.asarray(cov, dtype=float)
+    if cov.size and not np.all(np.isfinite(cov)):
+        return None
+    w, v = np.linalg.eigh(0.5 * (cov + cov.T))
+    return v * np.sqrt(np.clip(w, 0.0, None))
+
+
+def _site_indices(labels: Any) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        out.setdefault(label_site(label), []).append(i)
+    return out
+
+
+def _population_draws(fit: FitResult, n: int, rng: np.random.Generator) -> tuple[dict, np.ndarray | None]:
+    """User-scale draws of the population sites from N(theta_hat, covariance); ``log q`` per draw."""
+    free = np.flatnonzero(fit.free)
+    root = None if fit.covariance is None or n == 1 else _root(fit.covariance)
+    theta, log_q = np.tile(fit.theta, (n, 1)), None
+    if root is not None and free.size:
+        z = rng.standard_normal((n, free.size))
+        theta[:, free] += z @ root.T
+        sign, logdet = np.linalg.slogdet(2 * np.pi * fit.covariance)
+        log_q = -0.5 * np.sum(z**2, axis=1) - 0.5 * (logdet if sign > 0 else np.nan)
+    index, out = _site_indices(fit.theta_names), {}
+    for site, value in fit.params.items():
+        idx, t = index.get(site, []), fit.transforms.get(site)
+        inv = tuple(t.inverse_shape(value.shape)) if t is not None else None
+        drawn = root is not None and t is not None and len(idx) == int(np.prod(inv)) and fit.free[idx].any()
+        if drawn:
+            u = theta[:, idx].reshape((n, *inv))
+            out[site] = np.asarray(t(u), dtype=float)
+        else:
+            out[site] = np.broadcast_to(value, (n, *value.shape)).copy()
+    return out, log_q
+
+
+def _eta_sites(fit: FitResult) -> dict[str, list[int]]:
+    """Random-effect site -> its columns in ``ebes``."""
+    return _site_indices(fit.ebes.columns)
+
+
+def _ebe_values(fit: FitResult, draws: np.ndarray, sites: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for site, cols in sites.items():
+        scalar = [str(fit.ebes.columns[c]) for c in cols] == [site]
+        value = draws[..., cols]
+        out[site] = value[..., 0] if scalar else value
+    return out
+
+
+def _random_effect_draws(fit: FitResult, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Draws of each subject's random effects from N(EBE, ebe_cov) (unconstrained, then transformed)."""
+    ebe = fit.ebes.to_numpy(dtype=float)
+    sites = _eta_sites(fit)
+    point = np.broadcast_to(ebe, (n, *ebe.shape)).copy()
+    if fit.covariance is None or n == 1 or ebe.shape[1] == 0:
+        return _ebe_values(fit, point, sites)
+    roots = [_root(c) for c in fit.ebe_cov]
+    roots = np.stack([r if r is not None else np.zeros_like(c) for r, c in zip(roots, fit.ebe_cov, strict=True)])
+    z = np.einsum("sij,nsj->nsi", roots, rng.standard_normal(point.shape))
+    out = point.copy()
+    for site, cols in sites.items():
+        t = fit.transforms.get(site)
+        if t is None:
+            out[..., cols] = point[..., cols] + z[..., cols]
+        elif tuple(t.inverse_shape((len(cols),))) == (len(cols),):
+            u = np.asarray(t.inv(ebe[:, cols]), dtype=float)
+            out[..., cols] = np.asarray(t(u + z[..., cols]), dtype=float)
+    return _ebe_values(fit, out, sites)
+
+
+def _dims(name: str, ndim: int, subject: bool) -> list[str]:
+    lead = ["subject"] if subject else []
+    return lead + [f"{name}_dim_{i}" for i in range(ndim - len(lead))]
+
+
+def _ml_groups(fit: FitResult, n_draws: int, seed: int) -> tuple[dict, dict, dict, str]:
+    rng = np.random.default_rng(seed)
+    n = 1 if fit.covariance is None else int(n_draws)
+    pop, log_q = _population_draws(fit, n, rng)
+    eta = _random_effect_draws(fit, n, rng)
+    posterior = {k: v[None] for k, v in {**pop, **eta}.items()}
+    dims = {k: _dims(k, v.ndim - 1, False) for k, v in pop.items()}
+    dims.update({k: _dims(k, v.ndim - 1, True) for k, v in eta.items()})
+    stats = {} if log_q is None else {"log_q": log_q[None]}
+    kind = "asymptotic_normal" if n > 1 else "point_estimate"
+    return posterior, stats, dims, kind
+
+
+def _bayes_groups(fit: FitResult) -> tuple[dict, dict, dict, str]:
+    sites = _eta_sites(fit)
+    posterior = {k: v for k, v in fit.draws.items() if k not in SAMPLE_STATS}
+    stats = {k: v for k, v in fit.draws.items() if k in SAMPLE_STATS}
+    dims = {k: _dims(k, v.ndim - 2, k in sites and v.ndim >= 3 and v.shape[2] == fit.n_subjects)
+            for k, v in posterior.items()}
+    return posterior, stats, dims, "draws"
+
+
+def _observations(fit: FitResult) -> dict[str, np.ndarray]:
+    """The real observations, flattened subject by subject: ID, TIME, DVID, output, DV, PRED, IPRED."""
+    subj, _ = np.nonzero(fit.mask)
+    dvid = fit.dvid[fit.mask]
+    return {"ID": np.asarray(list(fit.ids))[subj], "TIME": fit.times[fit.mask], "DVID": dvid,
+            "output": np.asarray(list(fit.outputs))[dvid] if fit.outputs else dvid.astype(str),
+            "DV": fit.dv[fit.mask], "PRED": fit.pred[fit.mask], "IPRED": fit.ipred[fit.mask]}
+
+
+_DESCRIPTIONS = {
+    "asymptotic_normal": "maximum-likelihood fit: draws from the asymptotic normal N(theta_hat, covariance) "
+                         "of the free unconstrained population parameters mapped to the user's scale, and of "
+                         "each subject's random effects from N(EBE, ebe_cov); not a Bayesian posterior",
+    "point_estimate": "maximum-likelihood fit without a covariance: one draw at the estimates and EBEs",
+    "draws": "posterior draws of a Bayesian backend",
+}
+
+
+def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0) -> Any:
+    """Convert a `FitResult` to an ArviZ `xarray.DataTree`.
+
+    Groups:
+
+    - ``posterior``: for Bayesian fits (``fit.draws`` not None) the draws themselves. For
+      maximum-likelihood fits, *not* a Bayesian posterior: ``n_draws`` draws (one chain) from
+      the asymptotic normal ``N(theta, covariance)`` of the free unconstrained parameters,
+      mapped to the user's scale through ``fit.transforms`` (fixed sites, and sites without a
+      known transform, are constant at the estimate), and for every subject random effects from
+      ``N(EBE, ebe_cov)`` in the unconstrained space (random-effect sites without a transform
+      are taken as real). Without a covariance: a single draw at the estimates and EBEs.
+      Population sites have dims ``(chain, draw, <site>_dim_0, ...)``, random-effect sites
+      ``(chain, draw, subject[, <site>_dim_0])`` with ``subject`` the original IDs.
+    - ``sample_stats``: maximum likelihood: ``log_q``, the log density of the normal approximation
+      at each draw (for importance resampling, SIR); Bayesian: the keys of ``fit.draws`` that are
+      sampler statistics (``lp``, ``diverging``, ...). Absent when empty.
+    - ``observed_data``: ``DV`` over the real observations (dim ``obs``, subjects in order, padding
+      dropped) with coordinates ``ID``, ``TIME`` and ``output``.
+    - ``constant_data``: ``ID``, ``TIME``, ``DVID`` (output index) and ``output`` per observation.
+    - ``point_estimate``: the estimates (no sample dims): population sites, EBEs, and ``PRED`` /
+      ``IPRED`` per observation.
+
+    Root attributes hold method, status, OFV, log-likelihood, AIC, BIC and ``posterior_kind``
+    (``"asymptotic_normal"``, ``"point_estimate"`` or ``"draws"``).
+
+    Parameters
+    ----------
+    fit
+        The result to convert.
+    n_draws
+        Number of draws for maximum-likelihood fits (ignored for Bayesian ones).
+    seed
+        Seed of those draws (NumPy generator).
+
+    Returns
+    -------
+    xarray.DataTree
+    """
+    from arviz_base import from_dict
+
+    posterior, stats, dims, kind = _bayes_groups(fit) if fit.draws is not None else _ml_groups(fit, n_draws, seed)
+    obs = _observations(fit)
+    coords = {"subject": np.asarray(list(fit.ids)), "obs": np.arange(obs["DV"].size)}
+    dims.update({k: ["obs"] for k in ("DV", "ID", "TIME", "DVID", "output", "PRED", "IPRED")})
+    groups = {"posterior": posterior, "observed_data": {"DV": obs["DV"]},
+              "constant_data": {k: obs[k] for k in ("ID", "TIME", "DVID", "output")}}
+    if stats:
+        groups["sample_stats"] = stats
+    root = {"nlmegen_method": fit.method, "nlmegen_status": fit.status, "ofv": fit.ofv, "loglik": fit.loglik,
+            "aic": fit.aic, "bic": fit.bic, "posterior_kind": kind}
+    dt = from_dict(groups, coords=coords, dims=dims,
+                   attrs={"/": root, "posterior": {"description": _DESCRIPTIONS[kind]}})
+    obs_coords = {k: ("obs", obs[k]) for k in ("ID", "TIME", "output")}
+    dt["observed_data"] = dt["observed_data"].to_dataset().assign_coords(obs_coords)
+    dt["point_estimate"] = _point_dataset(fit, obs, coords).assign_coords(obs_coords)
+    return dt
+
+
+def _point_dataset(fit: FitResult, obs: dict, coords: dict) -> Any:
+    """The ``point_estimate`` group: estimates, EBEs, PRED and IPRED without sample dims."""
+    from arviz_base import dict_to_dataset
+
+    sites = _eta_sites(fit)
+    point = {**fit.params, **_ebe_values(fit, fit.ebes.to_numpy(dtype=float), sites),
+             "PRED": obs["PRED"], "IPRED": obs["IPRED"]}
+    dims = {k: _dims(k, np.ndim(v), k in sites) for k, v in point.items()} | {"PRED": ["obs"], "IPRED": ["obs"]}
+    return dict_to_dataset(point, coords=coords, dims=dims, sample_dims=[],
+                           attrs={"description": "point estimates (user scale), EBEs, PRED and IPRED"})
+
+
+# ---------------------------------------------------------------------- netCDF
+def _values(values: Any) -> np.ndarray:
+    """Column / index values as a NumPy array netCDF can hold (text as fixed-width unicode)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "OUS" or str(getattr(values, "dtype", "")) in ("str", "string"):
+        return np.asarray([str(v) for v in arr], dtype=str) if arr.size else np.zeros(0, dtype="<U1")
+    return arr
+
+
+def _frame_dataset(frame: pd.DataFrame) -> tuple[Any, dict]:
+    import xarray as xr
+
+    data = {f"c{i}": ("row", _values(frame.iloc[:, i])) for i in range(frame.shape[1])}
+    index = frame.index
+    meta = {"columns": list(frame.columns), "columns_dtype": str(frame.columns.dtype),
+            "dtypes": [str(d) for d in frame.dtypes], "index_name": index.name, "index_dtype": str(index.dtype)}
+    if isinstance(index, pd.RangeIndex):
+        meta["range"] = [index.start, index.stop, index.step]
+    else:
+        data["index"] = ("row", _values(index))
+    return xr.Dataset(data), meta
+
+
+def _frame_from(ds: Any, meta: dict) -> pd.DataFrame:
+    if "range" in meta:
+        index = pd.RangeIndex(*meta["range"], name=meta["index_name"])
+    else:
+        index = pd.Index(ds["index"].values, dtype=meta["index_dtype"], name=meta["index_name"])
+    columns = {i: pd.Series(ds[f"c{i}"].values, index=index).astype(dtype)
+               for i, dtype in enumerate(meta["dtypes"])}
+    frame = pd.DataFrame(columns, index=index)
+    frame.columns = pd.Index(meta["columns"], dtype=meta["columns_dtype"])
+    return frame
+
+
+def _dict_dataset(values: dict[str, np.ndarray]) -> Any:
+    import xarray as xr
+
+    bad = [k for k in values if "/" in k]
+    if bad:
+        raise ValueError(f"cannot save names containing '/': {bad}")
+    return xr.Dataset({k: (_dims(k, np.ndim(v), False), np.asarray(v)) for k, v in values.items()})
+
+
+def _dict_from(ds: Any, keys: list[str]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(ds[k].values) for k in keys}
+
+
+def _meta(fit: FitResult, frames: dict) -> dict:
+    meta = {k: getattr(fit, k) for k in _SCALARS}
+    meta.update({k: list(getattr(fit, k)) for k in _TUPLES})
+    meta["supports"] = {k: support_name(t) for k, t in fit.transforms.items()}
+    meta["keys"] = {k: list(getattr(fit, k)) for k in ("params", "se", "shrinkage")}
+    meta["keys"]["draws"] = None if fit.draws is None else list(fit.draws)
+    meta["optional"] = {k: getattr(fit, k) is not None for k in ("covariance", "se_unconstrained")}
+    meta["frames"] = frames
+    return meta
+
+
+def save(fit: FitResult, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write ``fit`` to a netCDF file (h5netcdf); read it back with `load`.
+
+    Everything but ``model``, ``pop`` and ``transforms`` is stored; each transform is kept as
+    the name of its support (see `support_name`) and rebuilt on `load`.
+
+    Parameters
+    ----------
+    fit
+        The result to save.
+    path
+        File to write. Written to a temporary file next to it first, then moved into place.
+    overwrite
+        Replace an existing file. Without it an existing ``path`` raises `FileExistsError`.
+    """
+    import xarray as xr
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    frames, nodes = {}, {}
+    for name in ("ebes", "history"):
+        nodes[name], frames[name] = _frame_dataset(getattr(fit, name))
+    arrays = {k: getattr(fit, k) for k in _ARRAYS if getattr(fit, k) is not None}
+    nodes["arrays"] = _dict_dataset(arrays)
+    for name in ("params", "se", "shrinkage", "draws"):
+        if getattr(fit, name) is not None:
+            nodes[name] = _dict_dataset(getattr(fit, name))
+    attrs = {"nlmegen_format": FORMAT, "nlmegen_format_version": FORMAT_VERSION,
+             "nlmegen_meta": json.dumps(_meta(fit, frames), default=_json_default)}
+    tree = xr.DataTree.from_dict({"/": xr.Dataset(attrs=attrs), **nodes})
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tree.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load(path: str | os.PathLike) -> FitResult:
+    """Read a `FitResult` written by `save` (``model`` and ``pop`` are None).
+
+    Transforms are rebuilt from the saved support names where possible (``real``, ``positive``,
+    ``unit_interval``, ``corr_cholesky``, ``interval(a,b)``, ...); other sites get none.
+
+    Parameters
+    ----------
+    path
+        The netCDF file.
+
+    Returns
+    -------
+    FitResult
+    """
+    import xarray as xr
+
+    from ..infer._result import FitResult
+
+    tree = xr.load_datatree(Path(path), engine="h5netcdf")
+    if tree.attrs.get("nlmegen_format") != FORMAT:
+        raise ValueError(f"{path} is not a file written by FitResult.save")
+    meta = json.loads(tree.attrs["nlmegen_meta"])
+    kwargs = {k: meta[k] for k in _SCALARS} | {k: tuple(meta[k]) for k in _TUPLES}
+    present = [k for k in _ARRAYS if meta["optional"].get(k, True)]
+    kwargs.update(_dict_from(tree["arrays"].to_dataset(), present))
+    kwargs.update({k: None for k, on in meta["optional"].items() if not on})
+    for name, keys in meta["keys"].items():
+        kwargs[name] = None if keys is None else _dict_from(tree[name].to_dataset() if keys else {}, keys)
+    for name, frame_meta in meta["frames"].items():
+        kwargs[name] = _frame_from(tree[name].to_dataset(), frame_meta)
+    transforms = {k: transform_from_name(v) for k, v in meta["supports"].items()}
+    kwargs["transforms"] = {k: t for k, t in transforms.items() if t is not None}
+    return FitResult(**kwargs)
