@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..model import Density
 from ._covariance import delta_method
-from ._objective import _fwd_grad, _jacobian_blocks, _unwrap
+from ._objective import _unwrap
 from ._result import FitResult
 from ._start import theta_labels
 
@@ -78,18 +78,15 @@ def _ebe_table(problem, eta) -> pd.DataFrame:
     return frame
 
 
-def _shrinkage(problem, theta, eta, ipred, var) -> dict[str, np.ndarray]:
-    """ETA shrinkage 1 - SD(EBE)/omega and EPS shrinkage 1 - SD(IWRES), in percent."""
-    obj, pop = problem.objective, problem.pop
+def _shrinkage(pop, eta, precision, ipred, var) -> dict[str, np.ndarray]:
+    """ETA shrinkage 1 - SD(EBE)/omega and EPS shrinkage 1 - SD(IWRES), in percent (NONMEM's)."""
     out = {}
     if eta.shape[1]:
-        grad_prior = lambda e: _fwd_grad(lambda x: obj._trace_parts(jnp.asarray(theta), x, pop)["prior"], e)  # noqa: E731
-        precision = -_jacobian_blocks(grad_prior, jnp.zeros_like(eta), eta.shape[1])
-        omega = np.sqrt(np.mean(np.diagonal(np.linalg.inv(np.asarray(precision)), axis1=1, axis2=2), axis=0))
-        out["eta"] = 100.0 * (1.0 - np.std(np.asarray(eta), axis=0, ddof=1) / omega)
+        omega = np.sqrt(np.mean(np.diagonal(np.linalg.inv(precision), axis1=1, axis2=2), axis=0))
+        out["eta"] = 100.0 * (1.0 - np.std(eta, axis=0, ddof=1) / omega)
     if var is not None:
         mask, dv, dvid = np.asarray(pop.mask), np.asarray(pop.dv), np.asarray(pop.dvid)
-        iwres = (dv - ipred) / np.sqrt(np.asarray(var))
+        iwres = (dv - ipred) / np.sqrt(var)
         out["eps"] = np.array([100.0 * (1.0 - np.std(iwres[mask & (dvid == k)], ddof=1))
                                for k in range(len(pop.outputs))])
     return out
@@ -102,8 +99,8 @@ def build_result(problem, x_hat, ofv, ebe, status, message, cov, timings) -> Fit
     pop, density = problem.pop, problem.density
     theta = problem.full(np.asarray(x_hat))
     eta = np.asarray(problem.eta)
-    pred, ipred, var, curvature = (np.asarray(x) if x is not None else None for x in
-                                   problem.fns["predict"](jnp.asarray(theta), jnp.asarray(eta), pop))
+    pred, ipred, var, curvature, precision = (np.asarray(x) if x is not None else None for x in
+                                              problem.fns["predict"](jnp.asarray(theta), jnp.asarray(eta), pop))
     se, se_u = _standard_errors(problem, np.asarray(x_hat), cov.covariance)
     params = {k: (np.asarray(v) if not isinstance(v, dict) else _flat_values({k: v}))
               for k, v in density.theta_space.constrain(jnp.asarray(theta)).items()}
@@ -119,7 +116,7 @@ def build_result(problem, x_hat, ofv, ebe, status, message, cov, timings) -> Fit
         outputs=tuple(pop.outputs), pred=pred, ipred=ipred, theta=np.asarray(theta),
         theta_names=tuple(theta_labels(density.theta_space)), free=problem.free.copy(),
         covariance=cov.covariance, covariance_kind=cov.kind, se_unconstrained=se_u,
-        shrinkage=_shrinkage(problem, theta, eta, ipred, var), history=pd.DataFrame(problem.history),
+        shrinkage=_shrinkage(pop, eta, precision, ipred, var), history=pd.DataFrame(problem.history),
         timings=timings, settings=_settings(problem.backend), warnings=tuple(problem.warnings), draws=None,
         fixed=tuple(problem.fixed_names), transforms=_transforms(density), model=problem.model, pop=pop,
     )

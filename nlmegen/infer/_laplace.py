@@ -120,6 +120,8 @@ class _Problem:
         self.eta = jnp.zeros((pop.n_subjects, density.sites.n_eta))
         self.history: list[dict] = []
         self.warnings: list[str] = []
+        self.free_labels = [lab for lab, f in zip(labels, free, strict=True) if f]
+        self.nonfinite: tuple[list, list] | None = None
 
     @classmethod
     def build(cls, backend, model, pop, init, fixed):
@@ -156,10 +158,13 @@ class _Problem:
 
     def evaluate(self, theta_free: np.ndarray):
         out = self.fns["value_and_grad"](jnp.asarray(theta_free), jnp.asarray(self.theta0), self.eta, self.pop)
-        ofv, grad, eta, ebe = out
+        ofv, grad, eta, ebe, ofv_i = out
         ofv, grad = float(ofv), np.asarray(grad)
         if np.isfinite(ofv) and np.all(np.isfinite(np.asarray(eta))):
             self.eta = eta  # warm start of the next EBE search
+        else:  # remember who made the objective non-finite, for the status message
+            self.nonfinite = ([self.pop.ids[i] for i in np.flatnonzero(~np.isfinite(np.asarray(ofv_i)))],
+                              [lab for lab, g in zip(self.free_labels, grad, strict=True) if not np.isfinite(g)])
         return ofv, grad, ebe
 
     # ------------------------------------------------------------------ the fit
@@ -182,8 +187,7 @@ class _Problem:
             it = len(self.history) + 1
             record = {"iteration": it, "ofv": last.get("ofv", np.nan),
                       "grad_norm": float(np.max(np.abs(last.get("grad", np.nan)))) if x0.size else 0.0}
-            record.update(dict(zip([lab for lab, f in zip(self.labels, self.free, strict=True) if f], xk,
-                                   strict=True)))
+            record.update(dict(zip(self.free_labels, xk, strict=True)))
             self.history.append(record)
             if self.backend.progress and (it == 1 or it % self.backend.print_every == 0):
                 print(f"{self.backend.method} iter {it:4d}  OFV {record['ofv']:.6f}  max|grad| {record['grad_norm']:.3g}")
@@ -192,6 +196,11 @@ class _Problem:
             res = scipy.optimize.minimize(fun, x0, jac=True, method="BFGS", callback=callback,
                                           options={"gtol": self.backend.gtol, "maxiter": self.backend.maxiter})
             x_hat, message, success = res.x, str(res.message), bool(res.success)
+            # BFGS often stops with "precision loss" at the optimum: accept when the predicted
+            # decrease of the objective from a quasi-Newton step, g' H^-1 g / 2, is negligible
+            decrease = 0.5 * float(res.jac @ res.hess_inv @ res.jac) if np.all(np.isfinite(res.jac)) else np.inf
+            success = success or (res.status == 2 and decrease < 1e-5)
+            message += f"; predicted further OFV decrease {decrease:.2g}"
         else:
             x_hat, message, success = x0, "no free parameters: objective evaluated", True
         ofv, grad, ebe = self.evaluate(x_hat)
@@ -203,9 +212,14 @@ class _Problem:
         failed_ebe = [self.pop.ids[i] for i in np.flatnonzero(~np.asarray(ebe.converged))]
         notes = [message, f"max |dOFV/dtheta| = {grad_max:.2g}"]
         if not np.isfinite(ofv):
-            bad = [lab for lab, g in zip(self.labels, np.where(self.free)[0], strict=False) if not np.isfinite(g)]
-            return "failed", f"objective is not finite at the final estimate ({bad or 'check the model'}); {message}"
-        status = "converged" if (success or grad_max < 1e-3) else "not_converged"
+            subjects, params = self.nonfinite or ([], [])
+            return "failed", (f"objective is not finite at the final estimate: subject(s) {subjects[:10]}, "
+                              f"non-finite gradient for {params}; {message}")
+        if self.nonfinite is not None:
+            subjects, params = self.nonfinite
+            self.warnings.append(f"the objective was not finite at some trial parameters (subject(s) "
+                                 f"{subjects[:10]}); the optimiser stepped back")
+        status = "converged" if success else "not_converged"
         if failed_ebe:
             notes.append(f"EBE search did not converge for subject(s) {failed_ebe[:10]}")
             status = "not_converged"
@@ -216,8 +230,7 @@ class _Problem:
 
         status, message = self.status(ofv, grad, ebe, message, success)
         start = time.perf_counter()
-        cov = covariance_step(lambda x: self.evaluate(x)[1], self.subject_grads, x_hat,
-                              [lab for lab, f in zip(self.labels, self.free, strict=True) if f],
+        cov = covariance_step(lambda x: self.evaluate(x)[1], self.subject_grads, x_hat, self.free_labels,
                               self.backend.covariance if status != "failed" else "none")
         self.warnings.extend(cov.warnings)
         covariance_s = time.perf_counter() - start
@@ -258,7 +271,7 @@ def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, e
 
     def total(theta_free, theta_all, eta0, pop):
         ofv_i, ebe = subject_ofv(theta_free, theta_all, eta0, pop)
-        return jnp.sum(ofv_i), ebe
+        return jnp.sum(ofv_i), (ebe, ofv_i)
 
     def value_and_grad(theta_free, theta_all, eta0, pop):
         # forward mode: one tangent per free parameter; the primal (and the EBE search, which does
@@ -267,9 +280,9 @@ def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, e
             return total(t, theta_all, eta0, pop)
 
         basis = jnp.eye(theta_free.size, dtype=theta_free.dtype)
-        ofv, grad, ebe = jax.vmap(lambda v: jax.jvp(fn, (theta_free,), (v,), has_aux=True),
-                                  out_axes=(None, 0, None))(basis)
-        return ofv, grad, ebe.eta, ebe
+        ofv, grad, (ebe, ofv_i) = jax.vmap(lambda v: jax.jvp(fn, (theta_free,), (v,), has_aux=True),
+                                           out_axes=(None, 0, None))(basis)
+        return ofv, grad, ebe.eta, ebe, ofv_i
 
     def subject_jacobian(theta_free, theta_all, eta0, pop):
         return jax.jacfwd(lambda t: subject_ofv(t, theta_all, eta0, pop)[0])(theta_free)
@@ -283,7 +296,8 @@ def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, e
 
 
 def _predict(objective: Objective, theta, eta, pop):
-    """PRED (eta = 0), IPRED (at the EBEs), residual variance at the EBEs, EBE curvature."""
+    """PRED (eta = 0), IPRED (at the EBEs), residual variance and curvature at the EBEs, and the
+    precision of the random-effect distribution at eta = 0 (Omega^-1 for Gaussian random effects)."""
     from ._finish import site_means
 
     zero = jnp.zeros_like(eta)
@@ -291,7 +305,7 @@ def _predict(objective: Objective, theta, eta, pop):
     ipred = site_means(objective.density, theta, eta, pop)
     var = objective._trace_parts(theta, eta, pop).get("var") if objective.method != "laplace" else None
     curvature = objective.curvature(theta, eta, pop, objective.frozen_variance(theta, pop))
-    return pred, ipred, var, curvature
+    return pred, ipred, var, curvature, objective.prior_precision(theta, pop)
 
 
 def loglik_from_ofv(ofv: float, n_obs: int) -> float:

@@ -180,11 +180,16 @@ class Objective:
         _, logdet = jnp.linalg.slogdet(a)
         return -2.0 * (loglik + parts["prior"]) - (n_obs + self.n_eta) * LOG_2PI + logdet
 
+    def prior_precision(self, theta: Array, pop) -> Array:
+        """``-d^2 log p(eta | theta) / d eta^2`` at eta = 0, ``[subj, d, d]`` (Omega^-1 if Gaussian)."""
+        zero = jnp.zeros((pop.n_subjects, self.n_eta))
+        grad_prior = lambda e: _fwd_grad(lambda x: self._trace_parts(theta, x, pop)["prior"], e)  # noqa: E731
+        return -_jacobian_blocks(grad_prior, zero, self.n_eta)
+
     def _fo_ofv(self, theta: Array, pop) -> Array:
         """First-order: marginal Gaussian of the model linearised at eta = 0 (Woodbury form)."""
         zero = jnp.zeros((pop.n_subjects, self.n_eta))
-        grad_prior = lambda e: _fwd_grad(lambda x: self._trace_parts(theta, x, pop)["prior"], e)  # noqa: E731
-        precision = -_jacobian_blocks(grad_prior, zero, self.n_eta)  # Omega^-1
+        precision = self.prior_precision(theta, pop)  # Omega^-1
 
         def obs(e):
             return self._trace_parts(theta, e, pop)["f"]

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 from numpyro import handlers
 from numpyro.infer.initialization import init_to_median
 
@@ -48,7 +49,8 @@ def initial_values(model, pop, sites, init: Mapping | None, fixed: Mapping | Non
     _check_names("init", init, population, random)
     _check_names("fixed", fixed, population, random)
     seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_median(num_samples=101))
-    tr = handlers.trace(seeded).get_trace(pop)
+    with numpyro.validation_enabled(False):  # a NaN prediction is reported by the fit, not here
+        tr = handlers.trace(seeded).get_trace(pop)
     values = {}
     for site in sites.population:
         given = fixed.get(site.name, init.get(site.name))
