@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.optimize
+from tqdm.auto import tqdm
 
 from .._errors import DataError, ModelError
 from ..model import Density, discover
@@ -157,8 +158,14 @@ class _Problem:
         return time.perf_counter() - start
 
     def evaluate(self, theta_free: np.ndarray):
-        out = self.fns["value_and_grad"](jnp.asarray(theta_free), jnp.asarray(self.theta0), self.eta, self.pop)
-        ofv, grad, eta, ebe, ofv_i = out
+        args = (jnp.asarray(theta_free), jnp.asarray(self.theta0))
+        ofv, grad, eta, ebe, ofv_i = self.fns["value_and_grad"](*args, self.eta, self.pop)
+        failed = ~np.asarray(ebe.converged)
+        if failed.any():  # fallback: the subjects that failed from the warm start restart from eta = 0
+            restart = jnp.where(jnp.asarray(failed)[:, None], 0.0, self.eta)
+            retry = self.fns["value_and_grad"](*args, restart, self.pop)
+            if np.sum(~np.asarray(retry[3].converged)) < failed.sum() or not np.isfinite(float(ofv)):
+                ofv, grad, eta, ebe, ofv_i = retry
         ofv, grad = float(ofv), np.asarray(grad)
         if np.isfinite(ofv) and np.all(np.isfinite(np.asarray(eta))):
             self.eta = eta  # warm start of the next EBE search
@@ -189,9 +196,13 @@ class _Problem:
                       "grad_norm": float(np.max(np.abs(last.get("grad", np.nan)))) if x0.size else 0.0}
             record.update(dict(zip(self.free_labels, xk, strict=True)))
             self.history.append(record)
+            bar.update(1)
+            bar.set_postfix(OFV=f"{record['ofv']:.4f}", grad=f"{record['grad_norm']:.2g}")
             if self.backend.progress and (it == 1 or it % self.backend.print_every == 0):
-                print(f"{self.backend.method} iter {it:4d}  OFV {record['ofv']:.6f}  max|grad| {record['grad_norm']:.3g}")
+                bar.write(f"{self.backend.method} iter {it:4d}  OFV {record['ofv']:.6f}  "
+                          f"max|grad| {record['grad_norm']:.3g}")
 
+        bar = tqdm(desc=f"{self.backend.method} fit", unit="it", disable=not self.backend.progress, leave=False)
         if x0.size:
             res = scipy.optimize.minimize(fun, x0, jac=True, method="BFGS", callback=callback,
                                           options={"gtol": self.backend.gtol, "maxiter": self.backend.maxiter})
@@ -203,6 +214,7 @@ class _Problem:
             message += f"; predicted further OFV decrease {decrease:.2g}"
         else:
             x_hat, message, success = x0, "no free parameters: objective evaluated", True
+        bar.close()
         ofv, grad, ebe = self.evaluate(x_hat)
         run_s = time.perf_counter() - start
         return self.finish(x_hat, ofv, grad, ebe, message, success, compile_s, run_s, count["n"])
@@ -234,11 +246,13 @@ class _Problem:
                               self.backend.covariance if status != "failed" else "none")
         self.warnings.extend(cov.warnings)
         covariance_s = time.perf_counter() - start
+        ofv, grad, ebe = self.evaluate(x_hat)  # the EBEs at the estimate again
         return build_result(self, x_hat, ofv, ebe, status, message, cov,
                             {"compile_s": compile_s, "run_s": run_s, "covariance_s": covariance_s,
                              "n_evaluations": float(n_eval)})
 
     def subject_grads(self, x: np.ndarray) -> np.ndarray:
+        self.evaluate(x)  # the EBEs at x (the covariance step moves them when it differentiates R)
         return np.asarray(self.fns["subject_jacobian"](jnp.asarray(x), jnp.asarray(self.theta0), self.eta, self.pop))
 
 
@@ -258,12 +272,12 @@ def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, e
     def full(theta_free, theta_all):
         return theta_all.at[free_idx].set(theta_free)
 
-    def subject_ofv(theta_free, theta_all, eta0, pop):
+    def subject_ofv(theta_free, theta_all, eta0, pop, search=True):
         theta = full(theta_free, theta_all)
         if objective.method == "fo":
-            ebe = objective.ebe(jax.lax.stop_gradient(theta), eta0, pop)
-            return objective.subject_ofv(theta, ebe.eta, pop), ebe
-        eta, ebe = objective.ebe_implicit(theta, eta0, pop)
+            ebe = objective.ebe(jax.lax.stop_gradient(theta), eta0, pop) if search else None
+            return objective.subject_ofv(theta, eta0 if ebe is None else ebe.eta, pop), ebe
+        eta, ebe = objective.ebe_implicit(theta, eta0, pop, search=search)
         ofv_i = objective.subject_ofv(theta, eta, pop)
         if use_map:
             ofv_i = ofv_i - 2.0 * objective.density.log_prior(theta, pop, jacobian=False) / pop.n_subjects
@@ -284,8 +298,8 @@ def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, e
                                            out_axes=(None, 0, None))(basis)
         return ofv, grad, ebe.eta, ebe, ofv_i
 
-    def subject_jacobian(theta_free, theta_all, eta0, pop):
-        return jax.jacfwd(lambda t: subject_ofv(t, theta_all, eta0, pop)[0])(theta_free)
+    def subject_jacobian(theta_free, theta_all, eta_hat, pop):  # at converged EBEs: no new search
+        return jax.jacfwd(lambda t: subject_ofv(t, theta_all, eta_hat, pop, search=False)[0])(theta_free)
 
     args = (jnp.asarray(theta0)[free_idx], jnp.asarray(theta0), eta, pop)
     store["value_and_grad"] = jax.jit(value_and_grad).lower(*args).compile()

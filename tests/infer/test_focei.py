@@ -205,3 +205,23 @@ def test_simulation_reestimation_recovers_the_truth():
     for i, value in enumerate(truth["omega"]):
         row = summary.loc[f"omega[{i}]"]
         assert abs(row["estimate"] - value) < 3 * row["SE"], i
+
+
+def test_singular_r_matrix_names_the_parameter(theo):
+    def model(pop):  # only tcl + tcl_twin is identifiable
+        tka = numpyro.sample("tka", dist.Normal(0.5, 2.0))
+        tcl = numpyro.sample("tcl", dist.Normal(1.0, 2.0))
+        twin = numpyro.sample("tcl_twin", dist.Normal(0.0, 2.0))
+        tv = numpyro.sample("tv", dist.Normal(3.5, 2.0))
+        omega = numpyro.sample("omega", dist.HalfNormal(1.0))
+        add_sd = numpyro.sample("add_sd", dist.HalfNormal(2.0))
+        with nlmegen.subjects(pop):
+            eta = numpyro.sample("eta", dist.Normal(0.0, omega))
+            conc = nlmegen.pk.one_cmt(pop, ka=jnp.exp(tka), cl=jnp.exp(tcl + twin + eta), v=jnp.exp(tv))
+            nlmegen.observe("conc", nlmegen.additive(conc, add_sd), pop)
+
+    fit = nlmegen.fit(model, theo, progress=False)
+    text = " ".join(fit.warnings)
+    assert "not positive definite" in text
+    assert "tcl" in text  # the weak direction is tcl - tcl_twin
+    assert fit.covariance_kind in ("S", "none")
