@@ -26,6 +26,8 @@ from .model import observe as observe  # noqa: E402
 from .model import proportional as proportional  # noqa: E402
 from .model import subjects as subjects  # noqa: E402
 from .simulate import simulate as simulate  # noqa: E402
+from .simulate import simulate_arrays as simulate_arrays  # noqa: E402
+from . import diagnostics as diagnostics  # noqa: E402,I001
 from .infer import FO as FO  # noqa: E402
 from .infer import FOCE as FOCE  # noqa: E402
 from .infer import FOCEI as FOCEI  # noqa: E402
@@ -41,4 +43,4 @@ __version__ = "0.1.0"
 
 __all__ = ["FO", "FOCE", "FOCEI", "DataError", "Laplace", "ModelError", "Population", "additive", "combined",
            "FitResult", "datasets", "examples", "fit", "load", "nn", "objective", "observe", "ode", "pk", "proportional", "read_nonmem",
-           "simulate", "subjects"]
+           "simulate", "simulate_arrays", "subjects", "diagnostics"]

@@ -324,6 +324,12 @@ class FitResult:
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ I/O (delegated)
+    def residuals(self, *, n_sim: int = 1000, key: Any = None) -> pd.DataFrame:
+        """PRED, IPRED, RES, IWRES, CWRES and NPDE per observation (see `nlmegen.diagnostics.residuals`)."""
+        from ..diagnostics import residuals
+
+        return residuals(self, n_sim=n_sim, key=key)
+
     def to_arviz(self, n_draws: int = 1000, seed: int = 0) -> Any:
         """This result as an ArviZ `xarray.DataTree`; see :func:`nlmegen.io.to_arviz`.
 

@@ -1,0 +1,304 @@
+"""NUTS: full Bayesian inference of an nlmegen model with NumPyro's No-U-Turn sampler.
+
+The model is sampled as written (priors on every population site), jointly over the population
+parameters and every subject's random effects. Gaussian random effects are non-centred by
+default (`numpyro.infer.reparam.LocScaleReparam` with ``centered=0``): the sampler moves in
+``eta_decentered ~ N(0, 1)`` and ``eta = loc + scale * eta_decentered`` is recorded as a
+deterministic site, which removes the funnel between ``omega`` and ``eta`` that defeats NUTS
+when the data say little about a subject.
+
+Summaries in the returned `FitResult`: ``params`` are posterior medians, ``se`` posterior standard
+deviations, ``ebes`` posterior medians of the random effects, ``ebe_cov`` their posterior
+covariance (unconstrained scale), and ``draws`` all the draws ``[chain, draw, ...]`` with the
+sampler statistics. The OFV, log-likelihood, AIC and BIC are not defined for a posterior and are NaN.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+from numpyro.infer import MCMC
+from numpyro.infer import NUTS as _NumPyroNUTS
+from numpyro.infer.initialization import init_to_median, init_to_sample, init_to_value
+from numpyro.infer.reparam import LocScaleReparam
+
+from .._errors import ModelError
+from ..model import Density, discover
+from ._laplace import check_population
+from ._result import FitResult
+from ._start import _as_value, _check_names, theta_labels
+
+__all__ = ["NUTS"]
+
+#: Sampler statistics collected with the draws (NumPyro name -> name in ``FitResult.draws``).
+_EXTRA_FIELDS = {"diverging": "diverging", "num_steps": "num_steps", "accept_prob": "accept_prob",
+                 "adapt_state.step_size": "step_size", "energy": "energy", "potential_energy": "lp"}
+RHAT_OK = 1.01
+
+
+@dataclass(frozen=True)
+class NUTS:
+    """Full Bayes: NumPyro's No-U-Turn sampler on the model's joint posterior.
+
+    Parameters
+    ----------
+    num_warmup, num_samples
+        Warm-up (adaptation, discarded) and kept iterations per chain.
+    num_chains
+        Independent chains (at least 2 for a meaningful R-hat).
+    target_accept_prob
+        Target acceptance probability of the step-size adaptation (raise it, e.g. 0.95, when there
+        are divergences).
+    max_tree_depth
+        Largest tree depth (at most ``2**max_tree_depth`` leapfrog steps per iteration).
+    chain_method
+        ``"auto"`` (``"parallel"`` when there are at least ``num_chains`` JAX devices, else
+        ``"vectorized"``), ``"parallel"``, ``"vectorized"`` or ``"sequential"``.
+    progress
+        Show NumPyro's progress bar.
+    noncentered
+        Non-centre random effects with a Normal distribution (``Normal`` or ``Normal(...).to_event``):
+        ``LocScaleReparam(centered=0)``. Other random-effect distributions (e.g.
+        ``MultivariateNormal``) are sampled as written.
+
+    Notes
+    -----
+    ``fit(..., key=...)`` needs a PRNG key. ``init`` gives starting values of population sites
+    (the rest start at their prior median, NumPyro's ``init_to_median``); ``fixed`` conditions the
+    model on the given population values (`numpyro.handlers.condition`). The status is
+    ``"converged"`` when the largest split R-hat over population parameters and random effects is
+    below 1.01 and no transition diverged. Timings: ``warmup_s`` (includes JIT compilation),
+    ``sample_s`` and ``run_s`` (their sum); compilation is not timed on its own (``compile_s`` is NaN).
+
+    References
+    ----------
+    Hoffman MD, Gelman A. The No-U-Turn sampler. JMLR 2014;15:1593-1623.
+    Gorinova M, Moore D, Hoffman M. Automatic reparameterisation of probabilistic programs. ICML 2020.
+    Vehtari A, Gelman A, Simpson D, Carpenter B, Buerkner PC. Rank-normalization, folding, and
+    localization: an improved R-hat. Bayesian Analysis 2021;16:667-718.
+    """
+
+    method: ClassVar[str] = "nuts"
+    num_warmup: int = 500
+    num_samples: int = 500
+    num_chains: int = 4
+    target_accept_prob: float = 0.8
+    max_tree_depth: int = 10
+    chain_method: str = "auto"
+    progress: bool = True
+    noncentered: bool = True
+
+    def resolved_chain_method(self) -> str:
+        if self.chain_method != "auto":
+            return self.chain_method
+        return "parallel" if jax.local_device_count() >= self.num_chains else "vectorized"
+
+    def fit(self, model, pop, *, init: Mapping | None = None, fixed: Mapping | None = None, key=None):
+        """Sample the posterior of ``model`` on ``pop``; returns a `FitResult` with ``draws``."""
+        if key is None:
+            raise ValueError("NUTS needs key=jax.random.key(...)")
+        check_population(pop)
+        sites = discover(model, pop)
+        population = [s.name for s in sites.population]
+        random = [s.name for s in sites.random_effects]
+        init, fixed = dict(init or {}), dict(fixed or {})
+        _check_names("init", init, population, random)
+        _check_names("fixed", fixed, population, random)
+        params_sites = [s.name for s in sites.population if s.kind == "param" and s.name not in fixed]
+        if params_sites:
+            raise ModelError(f"NUTS samples sites with priors; {params_sites} are numpyro.param sites (no prior): "
+                             "give them a prior with numpyro.sample, or hold them with fixed={...}")
+        shapes = {s.name: s.shape for s in sites.population}
+        fixed = {k: _as_value(k, v, shapes[k]) for k, v in fixed.items()}
+        init = {k: _as_value(k, v, shapes[k]) for k, v in init.items() if k not in fixed}
+
+        sampled = model
+        held_params = {k: v for k, v in fixed.items() if _is_param(sites, k)}
+        if held_params:  # numpyro.param sites are not conditioned, but substituted
+            sampled = handlers.substitute(sampled, data=held_params)
+        if len(held_params) < len(fixed):
+            sampled = handlers.condition(sampled, data={k: v for k, v in fixed.items() if k not in held_params})
+        reparam_sites = _normal_random_effects(model, pop, random) if self.noncentered else []
+        if reparam_sites:
+            sampled = handlers.reparam(sampled, config={k: LocScaleReparam(centered=0) for k in reparam_sites})
+        strategy = _init_strategy(init)
+        kernel = _NumPyroNUTS(sampled, target_accept_prob=self.target_accept_prob,
+                              max_tree_depth=self.max_tree_depth, init_strategy=strategy)
+        chain_method = self.resolved_chain_method()
+        mcmc = MCMC(kernel, num_warmup=self.num_warmup, num_samples=self.num_samples, num_chains=self.num_chains,
+                    chain_method=chain_method, progress_bar=self.progress)
+        extra = tuple(_EXTRA_FIELDS)
+        start = time.perf_counter()
+        mcmc.warmup(key, pop, extra_fields=extra, collect_warmup=False)
+        warmup_s = time.perf_counter() - start
+        start = time.perf_counter()
+        mcmc.run(mcmc.post_warmup_state.rng_key, pop, extra_fields=extra)
+        samples = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
+        stats = {_EXTRA_FIELDS[k]: np.asarray(v) for k, v in mcmc.get_extra_fields(group_by_chain=True).items()}
+        sample_s = time.perf_counter() - start
+        if "lp" in stats:
+            stats["lp"] = -stats["lp"]  # potential energy is -log density (unconstrained, up to a constant)
+        timings = {"compile_s": float("nan"), "warmup_s": warmup_s, "sample_s": sample_s,
+                   "run_s": warmup_s + sample_s}
+        return _result(self, model, pop, sites, samples, stats, fixed, reparam_sites, chain_method, timings)
+
+
+# --------------------------------------------------------------------------------------------
+def _is_param(sites, name: str) -> bool:
+    return any(s.name == name and s.kind == "param" for s in sites.population)
+
+
+def _init_strategy(init: dict):
+    """``init`` values where given, prior medians elsewhere (random effects included)."""
+    if not init:
+        return init_to_median()
+
+    def strategy(site=None):
+        if site is None:
+            return strategy
+        if site["name"] in init:
+            return init_to_value(site, values=init)
+        return init_to_median(site)
+
+    return strategy
+
+
+def _base_distribution(fn):
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def _normal_random_effects(model, pop, random: list[str]) -> list[str]:
+    """Random-effect sites whose distribution is a Normal (possibly expanded / made an event)."""
+    found: list[str] = []
+
+    def run():
+        traced = handlers.trace(handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_sample))
+        tr = traced.get_trace(pop)
+        found.extend(name for name in random if type(_base_distribution(tr[name]["fn"])) is dist.Normal)
+        return ()
+
+    jax.eval_shape(run)
+    return found
+
+
+def _vmap_unconstrain(space, values: dict, lead: tuple) -> np.ndarray:
+    """Unconstrain draws with leading axes ``lead`` (e.g. ``(chain, draw)``): ``[*lead, size]``."""
+    if not space.sites:
+        return np.zeros(lead + (0,))
+    n = int(np.prod(lead))
+    flat = jax.tree_util.tree_map(lambda v: jnp.reshape(jnp.asarray(v), (n,) + np.shape(v)[len(lead):]), values)
+    out = jax.vmap(space.unconstrain)(flat)
+    return np.asarray(out).reshape(lead + out.shape[1:])
+
+
+def _diagnostics(samples: dict, names: list[str]) -> tuple[dict, dict]:
+    """Split R-hat and bulk ESS per scalar element: ``{label: value}``."""
+    rhat, ess = {}, {}
+    for name in names:
+        x = samples[name]
+        flat = x.reshape(x.shape[:2] + (-1,))
+        r = np.atleast_1d(np.asarray(split_gelman_rubin(flat)))
+        e = np.atleast_1d(np.asarray(effective_sample_size(flat)))
+        labels = [name] if x.ndim == 2 else [f"{name}[{i}]" for i in range(flat.shape[-1])]
+        rhat.update(zip(labels, r.tolist(), strict=True))
+        ess.update(zip(labels, e.tolist(), strict=True))
+    return rhat, ess
+
+
+def _result(backend, model, pop, sites, samples, stats, fixed, reparam_sites, chain_method, timings) -> FitResult:
+    from ._finish import _ebe_table, _flat_values, _settings, _transforms, site_means
+
+    density = Density(model, sites)
+    theta_space, eta_space = density.theta_space, density.eta_space
+    n_chains, n_draws = next(iter(stats.values())).shape[:2] if stats else (backend.num_chains, backend.num_samples)
+    lead = (n_chains, n_draws)
+    free_names = [s.name for s in sites.population if s.name not in fixed]
+    random = [s.name for s in sites.random_effects]
+
+    # population: medians of the unconstrained draws, mapped back (valid for any support)
+    pop_values = {}
+    for s in sites.population:
+        pop_values[s.name] = samples[s.name] if s.name in samples else jax.tree_util.tree_map(
+            lambda x: np.broadcast_to(np.asarray(x, float), lead + np.shape(x)), fixed[s.name])
+    theta_draws = _vmap_unconstrain(theta_space, pop_values, lead)
+    theta = np.median(theta_draws.reshape(-1, theta_draws.shape[-1]), axis=0)
+    params = {k: (np.asarray(v) if not isinstance(v, dict) else _flat_values({k: v}))
+              for k, v in theta_space.constrain(jnp.asarray(theta)).items()}
+    se = {k: (np.full(np.shape(params[k]), np.nan) if k in fixed else np.std(samples[k], axis=(0, 1), ddof=1))
+          for k in params}
+    free = np.ones(theta.size, bool)
+    for block in theta_space.blocks:
+        if block.site.name in fixed:
+            free[block.start:block.stop] = False
+
+    # random effects: posterior medians (EBEs) and per-subject posterior covariance, unconstrained
+    n_subj = pop.n_subjects
+    if random:
+        eta_draws = _vmap_unconstrain(eta_space, {k: samples[k] for k in random}, lead)  # [c, d, subj, n_eta]
+        eta_flat = eta_draws.reshape((-1,) + eta_draws.shape[2:])
+        eta = np.median(eta_flat, axis=0)
+        centred = eta_flat - eta_flat.mean(axis=0)
+        ebe_cov = np.einsum("nsi,nsj->sij", centred, centred) / max(eta_flat.shape[0] - 1, 1)
+    else:
+        eta = np.zeros((n_subj, 0))
+        ebe_cov = np.zeros((n_subj, 0, 0))
+    holder = types.SimpleNamespace(density=density, pop=pop)
+    with numpyro.validation_enabled(False):
+        pred = np.asarray(site_means(density, jnp.asarray(theta), jnp.zeros_like(jnp.asarray(eta)), pop))
+        ipred = np.asarray(site_means(density, jnp.asarray(theta), jnp.asarray(eta), pop))
+
+    # diagnostics -> status
+    rhat, ess = _diagnostics(samples, free_names + random)
+    n_div = int(np.sum(stats["diverging"])) if "diverging" in stats else 0
+    finite = {k: v for k, v in rhat.items() if np.isfinite(v)}
+    worst = max(finite, key=finite.get) if finite else None
+    max_rhat = finite[worst] if worst else float("nan")
+    min_ess_label = min(ess, key=ess.get) if ess else None
+    ok = worst is not None and max_rhat < RHAT_OK and n_div == 0 and len(finite) == len(rhat)
+    status = "converged" if ok else "not_converged"
+    notes = [f"{n_chains} chains x {n_draws} draws ({chain_method})",
+             f"max split R-hat {max_rhat:.4f} ({worst})" if worst else "R-hat not available",
+             f"{n_div} divergent transition(s)"]
+    if min_ess_label is not None:
+        notes.append(f"min ESS {ess[min_ess_label]:.0f} ({min_ess_label})")
+    if len(finite) < len(rhat):
+        notes.append(f"non-finite R-hat for {[k for k in rhat if k not in finite][:10]}")
+    notes.append("OFV/loglik/AIC/BIC are not defined for a posterior (NaN)")
+    warnings = []
+    if n_div:
+        warnings.append(f"{n_div} divergent transition(s) after warm-up: the posterior may be biased; raise "
+                        "target_accept_prob or reparameterise")
+    if worst is not None and max_rhat >= RHAT_OK:
+        warnings.append(f"split R-hat {max_rhat:.3f} for {worst} (>= {RHAT_OK}): chains have not mixed; run longer")
+    max_steps = 2 ** backend.max_tree_depth - 1
+    if "num_steps" in stats and np.any(stats["num_steps"] >= max_steps):
+        hits = int(np.sum(stats["num_steps"] >= max_steps))
+        warnings.append(f"{hits} transition(s) hit max_tree_depth={backend.max_tree_depth}")
+
+    draws = {k: samples[k] for k in free_names + random}
+    draws.update(stats)
+    settings = {**_settings(backend), "chain_method_used": chain_method, "noncentered_sites": list(reparam_sites)}
+    return FitResult(
+        method=backend.method, params=params, se=se, ofv=np.nan, loglik=np.nan, aic=np.nan, bic=np.nan,
+        n_obs=int((pop.mask & (pop.cens == 0)).sum()), n_params=int(free.sum()), n_subjects=n_subj,
+        status=status, message="; ".join(notes), ebes=_ebe_table(holder, eta), ebe_cov=ebe_cov,
+        ebe_converged=np.ones(n_subj, bool), ids=tuple(pop.ids), times=np.asarray(pop.times),
+        dv=np.asarray(pop.dv), mask=np.asarray(pop.mask), dvid=np.asarray(pop.dvid), outputs=tuple(pop.outputs),
+        pred=pred, ipred=ipred, theta=theta, theta_names=tuple(theta_labels(theta_space)), free=free,
+        covariance=None, covariance_kind="none", se_unconstrained=None, shrinkage={}, timings=timings,
+        settings=settings, warnings=tuple(warnings), draws=draws, fixed=tuple(n for n in fixed),
+        transforms=_transforms(density), model=model, pop=pop,
+    )
