@@ -28,6 +28,7 @@ from .model import subjects as subjects  # noqa: E402
 from .simulate import simulate as simulate  # noqa: E402
 from .simulate import simulate_arrays as simulate_arrays  # noqa: E402
 from . import diagnostics as diagnostics  # noqa: E402,I001
+from .diagnostics import vpc as vpc  # noqa: E402
 from .infer import FO as FO  # noqa: E402
 from .infer import FOCE as FOCE  # noqa: E402
 from .infer import FOCEI as FOCEI  # noqa: E402
@@ -43,4 +44,4 @@ __version__ = "0.1.0"
 
 __all__ = ["FO", "FOCE", "FOCEI", "DataError", "Laplace", "ModelError", "Population", "additive", "combined",
            "FitResult", "datasets", "examples", "fit", "load", "nn", "objective", "observe", "ode", "pk", "proportional", "read_nonmem",
-           "simulate", "simulate_arrays", "subjects", "diagnostics"]
+           "simulate", "simulate_arrays", "subjects", "diagnostics", "vpc"]
