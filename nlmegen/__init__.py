@@ -33,6 +33,7 @@ from .infer import FO as FO  # noqa: E402
 from .infer import FOCE as FOCE  # noqa: E402
 from .infer import FOCEI as FOCEI  # noqa: E402
 from .infer import Laplace as Laplace  # noqa: E402
+from .infer import NUTS as NUTS  # noqa: E402
 from .infer import fit as fit  # noqa: E402
 from .infer import objective as objective  # noqa: E402
 from .infer import FitResult as FitResult  # noqa: E402
@@ -42,6 +43,6 @@ from . import examples as examples  # noqa: E402,I001  (needs the names above)
 
 __version__ = "0.1.0"
 
-__all__ = ["FO", "FOCE", "FOCEI", "DataError", "Laplace", "ModelError", "Population", "additive", "combined",
+__all__ = ["FO", "FOCE", "FOCEI", "DataError", "Laplace", "ModelError", "NUTS", "Population", "additive", "combined",
            "FitResult", "datasets", "examples", "fit", "load", "nn", "objective", "observe", "ode", "pk", "proportional", "read_nonmem",
            "simulate", "simulate_arrays", "subjects", "diagnostics", "vpc"]

@@ -1,4 +1,4 @@
-"""Estimation backends: FO, FOCE, FOCEI and Laplace (NONMEM's methods) behind one `fit`."""
+"""Estimation backends behind one `fit`: FO, FOCE, FOCEI, Laplace (NONMEM's methods) and NUTS."""
 
 from ._fit import fit as fit
 from ._fit import objective as objective
@@ -6,6 +6,7 @@ from ._laplace import FO as FO
 from ._laplace import FOCE as FOCE
 from ._laplace import FOCEI as FOCEI
 from ._laplace import Laplace as Laplace
+from ._nuts import NUTS as NUTS
 from ._result import FitResult as FitResult
 
-__all__ = ["FO", "FOCE", "FOCEI", "FitResult", "Laplace", "fit", "objective"]
+__all__ = ["FO", "FOCE", "FOCEI", "FitResult", "Laplace", "NUTS", "fit", "objective"]

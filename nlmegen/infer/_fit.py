@@ -12,10 +12,11 @@ import numpyro
 from .._errors import ModelError
 from ..model import Density, discover
 from ._laplace import FO, FOCE, FOCEI, Laplace, check_population
+from ._nuts import NUTS
 
 __all__ = ["BACKENDS", "fit", "objective"]
 
-BACKENDS: dict[str, type] = {"focei": FOCEI, "foce": FOCE, "laplace": Laplace, "fo": FO}
+BACKENDS: dict[str, type] = {"focei": FOCEI, "foce": FOCE, "laplace": Laplace, "fo": FO, "nuts": NUTS}
 
 
 def _backend(method: str | Any, settings: dict):
@@ -44,8 +45,9 @@ def fit(model, pop, method: str | Any = "focei", *, init: Mapping | None = None,
     pop
         The data (`nlmegen.read_nonmem`).
     method
-        ``"focei"`` (default), ``"foce"``, ``"laplace"``, ``"fo"``, or a backend object such as
-        ``nlmegen.FOCEI(covariance="R")`` carrying its settings.
+        ``"focei"`` (default), ``"foce"``, ``"laplace"``, ``"fo"``, ``"nuts"`` (full Bayes with the
+        model's priors), or a backend object such as ``nlmegen.FOCEI(covariance="R")`` or
+        ``nlmegen.NUTS(num_chains=4)`` carrying its settings.
     init
         Starting values ``{site: value}`` on the model's scale. Default: the median of each
         population site's prior (``numpyro.param`` sites: their own initial value).

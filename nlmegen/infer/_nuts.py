@@ -15,6 +15,7 @@ sampler statistics. The OFV, log-likelihood, AIC and BIC are not defined for a p
 
 from __future__ import annotations
 
+import functools
 import time
 import types
 from collections.abc import Mapping
@@ -27,7 +28,6 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
-from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.infer import MCMC
 from numpyro.infer import NUTS as _NumPyroNUTS
 from numpyro.infer.initialization import init_to_median, init_to_sample, init_to_value
@@ -78,7 +78,8 @@ class NUTS:
     (the rest start at their prior median, NumPyro's ``init_to_median``); ``fixed`` conditions the
     model on the given population values (`numpyro.handlers.condition`). The status is
     ``"converged"`` when the largest split R-hat over population parameters and random effects is
-    below 1.01 and no transition diverged. Timings: ``warmup_s`` (includes JIT compilation),
+    below 1.01 and no transition diverged (rank-normalised split R-hat and bulk ESS of ArviZ, the
+    numbers ``az.summary`` shows). Timings: ``warmup_s`` (includes JIT compilation),
     ``sample_s`` and ``run_s`` (their sum); compilation is not timed on its own (``compile_s`` is NaN).
 
     References
@@ -163,15 +164,15 @@ def _init_strategy(init: dict):
     """``init`` values where given, prior medians elsewhere (random effects included)."""
     if not init:
         return init_to_median()
+    return functools.partial(_init_to_value_or_median, values=init)  # NumPyro wants a partial
 
-    def strategy(site=None):
-        if site is None:
-            return strategy
-        if site["name"] in init:
-            return init_to_value(site, values=init)
-        return init_to_median(site)
 
-    return strategy
+def _init_to_value_or_median(site=None, values=None):
+    if site is None:
+        return functools.partial(_init_to_value_or_median, values=values)
+    if site["type"] == "sample" and not site["is_observed"] and site["name"] in values:
+        return init_to_value(site, values=values)
+    return init_to_median(site)
 
 
 def _base_distribution(fn):
@@ -204,15 +205,25 @@ def _vmap_unconstrain(space, values: dict, lead: tuple) -> np.ndarray:
     return np.asarray(out).reshape(lead + out.shape[1:])
 
 
-def _diagnostics(samples: dict, names: list[str]) -> tuple[dict, dict]:
-    """Split R-hat and bulk ESS per scalar element: ``{label: value}``."""
+def _labels(name: str, shape: tuple, ids: tuple | None) -> list[str]:
+    """``name``, ``name[i]`` (population) or ``name[ID, i]`` (random effects, by subject ID)."""
+    if ids is None:
+        return [name] if shape == () else [f"{name}[{i}]" for i in range(int(np.prod(shape)))]
+    inner = int(np.prod(shape[1:]))
+    return [f"{name}[{sid}]" if shape[1:] == () else f"{name}[{sid}, {i}]" for sid in ids for i in range(inner)]
+
+
+def _diagnostics(samples: dict, names: list[str], random: list[str], ids: tuple) -> tuple[dict, dict]:
+    """Rank-normalised split R-hat and bulk ESS per scalar element (ArviZ's, as in ``az.summary``)."""
+    import arviz as az
+
     rhat, ess = {}, {}
     for name in names:
         x = samples[name]
         flat = x.reshape(x.shape[:2] + (-1,))
-        r = np.atleast_1d(np.asarray(split_gelman_rubin(flat)))
-        e = np.atleast_1d(np.asarray(effective_sample_size(flat)))
-        labels = [name] if x.ndim == 2 else [f"{name}[{i}]" for i in range(flat.shape[-1])]
+        r = np.atleast_1d(np.asarray(az.rhat(flat, chain_axis=0, draw_axis=1), dtype=float))
+        e = np.atleast_1d(np.asarray(az.ess(flat, chain_axis=0, draw_axis=1), dtype=float))
+        labels = _labels(name, x.shape[2:], ids if name in random else None)
         rhat.update(zip(labels, r.tolist(), strict=True))
         ess.update(zip(labels, e.tolist(), strict=True))
     return rhat, ess
@@ -261,7 +272,7 @@ def _result(backend, model, pop, sites, samples, stats, fixed, reparam_sites, ch
         ipred = np.asarray(site_means(density, jnp.asarray(theta), jnp.asarray(eta), pop))
 
     # diagnostics -> status
-    rhat, ess = _diagnostics(samples, free_names + random)
+    rhat, ess = _diagnostics(samples, free_names + random, random, tuple(pop.ids))
     n_div = int(np.sum(stats["diverging"])) if "diverging" in stats else 0
     finite = {k: v for k, v in rhat.items() if np.isfinite(v)}
     worst = max(finite, key=finite.get) if finite else None
@@ -270,7 +281,7 @@ def _result(backend, model, pop, sites, samples, stats, fixed, reparam_sites, ch
     ok = worst is not None and max_rhat < RHAT_OK and n_div == 0 and len(finite) == len(rhat)
     status = "converged" if ok else "not_converged"
     notes = [f"{n_chains} chains x {n_draws} draws ({chain_method})",
-             f"max split R-hat {max_rhat:.4f} ({worst})" if worst else "R-hat not available",
+             f"max R-hat {max_rhat:.4f} ({worst})" if worst else "R-hat not available",
              f"{n_div} divergent transition(s)"]
     if min_ess_label is not None:
         notes.append(f"min ESS {ess[min_ess_label]:.0f} ({min_ess_label})")
@@ -282,7 +293,7 @@ def _result(backend, model, pop, sites, samples, stats, fixed, reparam_sites, ch
         warnings.append(f"{n_div} divergent transition(s) after warm-up: the posterior may be biased; raise "
                         "target_accept_prob or reparameterise")
     if worst is not None and max_rhat >= RHAT_OK:
-        warnings.append(f"split R-hat {max_rhat:.3f} for {worst} (>= {RHAT_OK}): chains have not mixed; run longer")
+        warnings.append(f"R-hat {max_rhat:.3f} for {worst} (>= {RHAT_OK}): chains have not mixed; run longer")
     max_steps = 2 ** backend.max_tree_depth - 1
     if "num_steps" in stats and np.any(stats["num_steps"] >= max_steps):
         hits = int(np.sum(stats["num_steps"] >= max_steps))
