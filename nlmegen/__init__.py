@@ -28,6 +28,8 @@ from .model import subjects as subjects  # noqa: E402
 from .simulate import simulate as simulate  # noqa: E402
 from .simulate import simulate_arrays as simulate_arrays  # noqa: E402
 from . import diagnostics as diagnostics  # noqa: E402,I001
+from .diagnostics import gof as gof  # noqa: E402
+from .diagnostics import plot_individuals as plot_individuals  # noqa: E402
 from .diagnostics import vpc as vpc  # noqa: E402
 from .infer import FO as FO  # noqa: E402
 from .infer import FOCE as FOCE  # noqa: E402
@@ -45,4 +47,4 @@ __version__ = "0.1.0"
 
 __all__ = ["FO", "FOCE", "FOCEI", "DataError", "Laplace", "ModelError", "NUTS", "Population", "additive", "combined",
            "FitResult", "datasets", "examples", "fit", "load", "nn", "objective", "observe", "ode", "pk", "proportional", "read_nonmem",
-           "simulate", "simulate_arrays", "subjects", "diagnostics", "vpc"]
+           "simulate", "simulate_arrays", "subjects", "diagnostics", "gof", "plot_individuals", "vpc"]
