@@ -14,3 +14,24 @@ jax.config.update("jax_enable_x64", True)
 def key():
     """A fresh, fixed PRNG key for each test."""
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def simulated_theo():
+    """Factory: ``copies`` x the theo_sd design (12 subjects each) with DV simulated from the theo model."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+    import pandas as pd
+
+    import nlmegen
+
+    def make(copies: int, truth: dict, seed: int):
+        table = nlmegen.datasets.load("theo_sd")
+        pop = nlmegen.read_nonmem(pd.concat([table.assign(ID=table["ID"] + 100 * k) for k in range(copies)],
+                                            ignore_index=True))
+        dv = nlmegen.simulate_arrays(nlmegen.examples.theo_model, truth, pop, key=jax.random.key(seed))[0]
+        return dataclasses.replace(pop, dv=jnp.asarray(np.nan_to_num(dv)))
+
+    return make

@@ -3,9 +3,7 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 import pytest
 
 import nlmegen
@@ -14,12 +12,8 @@ TRUTH = {"tka": 0.5, "tcl": 1.0, "tv": 3.5, "omega": np.array([0.5, 0.3, 0.2]), 
 
 
 @pytest.fixture(scope="module")
-def simulated_fit():
-    table = nlmegen.datasets.load("theo_sd")
-    pop = nlmegen.read_nonmem(pd.concat([table.assign(ID=table["ID"] + 100 * k) for k in range(8)],
-                                        ignore_index=True))
-    dv = nlmegen.simulate_arrays(nlmegen.examples.theo_model, TRUTH, pop, key=jax.random.key(11))[0]
-    pop = dataclasses.replace(pop, dv=jnp.asarray(np.nan_to_num(dv)))
+def simulated_fit(simulated_theo):
+    pop = simulated_theo(8, TRUTH, 11)
     return nlmegen.fit(nlmegen.examples.theo_model, pop, progress=False, covariance="none")
 
 

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .._errors import DataError, ModelError
 from ..model import Density, discover
-from ._covariance import covariance_step, delta_method
+from ._covariance import covariance_step
 from ._objective import LOG_2PI, Objective
 from ._start import initial_values, theta_labels
 

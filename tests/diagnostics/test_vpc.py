@@ -2,13 +2,11 @@
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import pandas as pd
 import pytest
 
 import nlmegen
@@ -34,12 +32,8 @@ def slow_absorption_model(pop):
 
 
 @pytest.fixture(scope="module")
-def study():
-    table = nlmegen.datasets.load("theo_sd")
-    pop = nlmegen.read_nonmem(pd.concat([table.assign(ID=table["ID"] + 100 * k) for k in range(5)],
-                                        ignore_index=True))
-    dv = nlmegen.simulate_arrays(nlmegen.examples.theo_model, TRUTH, pop, key=jax.random.key(5))[0]
-    return dataclasses.replace(pop, dv=jnp.asarray(np.nan_to_num(dv)))
+def study(simulated_theo):
+    return simulated_theo(5, TRUTH, 5)
 
 
 def test_observed_quantiles_are_pandas_quantiles(study):

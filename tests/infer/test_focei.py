@@ -181,22 +181,10 @@ def test_nan_objective_is_reported_with_the_subject(theo):
     assert "subject(s) [5]" in fit.message
 
 
-def test_simulation_reestimation_recovers_the_truth():
-    """100 subjects simulated from known parameters: FOCEI recovers them (tolerances ~3 SE)."""
-    import jax
-
-    table = nlmegen.datasets.load("theo_sd")
-    rows = [table.assign(ID=table["ID"] + 100 * k) for k in range(9)]
-    import pandas as pd
-
-    pop = nlmegen.read_nonmem(pd.concat(rows, ignore_index=True))
+def test_simulation_reestimation_recovers_the_truth(simulated_theo):
+    """108 subjects simulated from known parameters: FOCEI recovers them (tolerances ~3 SE)."""
     truth = {"tka": 0.5, "tcl": 1.0, "tv": 3.5, "omega": np.array([0.5, 0.3, 0.2]), "add_sd": 0.5}
-    sims = nlmegen.simulate(nlmegen.examples.theo_model, truth, pop, key=jax.random.key(7))
-    dv = np.zeros(pop.dv.shape)
-    dv[np.asarray(pop.mask)] = sims["value"].to_numpy()
-    import dataclasses
-
-    pop = dataclasses.replace(pop, dv=jnp.asarray(dv))
+    pop = simulated_theo(9, truth, 7)
     fit = nlmegen.fit(nlmegen.examples.theo_model, pop, progress=False)
     assert fit.status == "converged", fit.message
     summary = fit.summary()
