@@ -274,9 +274,13 @@ def plot_random_effects(fit, *, covariates: bool | Sequence[str] | None = None, 
         a = ax[j]
         values = ebes[col].to_numpy(float)
         values = values[np.isfinite(values)]
-        a.hist(values, bins=bins, density=True, color="C0", alpha=0.55, edgecolor="white")
+        half = float(np.abs(values).max(initial=0.0)) * 1.05 or 1.0
         if omega is not None and omega[j] > 0:
-            half = max(4.0 * omega[j], float(np.abs(values).max(initial=0.0)) * 1.05)
+            half = max(3.0 * omega[j], half)
+        a.hist(values, bins=np.linspace(-half, half, bins + 1), density=True, color="C0", alpha=0.55,
+               edgecolor="white")
+        a.set_xlim(-half, half)
+        if omega is not None and omega[j] > 0:
             x = np.linspace(-half, half, 200)
             dens = np.exp(-0.5 * (x / omega[j]) ** 2) / (omega[j] * np.sqrt(2 * np.pi))
             a.plot(x, dens, color="crimson", linewidth=1.4, label=f"N(0, {omega[j]:.3g}²)")
@@ -297,7 +301,7 @@ def plot_random_effects(fit, *, covariates: bool | Sequence[str] | None = None, 
                 a.axhline(0.0, color="0.3", linewidth=0.8, zorder=0)
                 if name in cats:
                     a.set_xticks(range(len(cats[name])), [str(c) for c in cats[name]])
-                else:
+                elif cov.size >= 20:
                     sx, sy = _running_median(cov, y, frac=0.3)
                     if sx.size:
                         a.plot(sx, sy, color="crimson", linewidth=1.2, alpha=0.8)
