@@ -13,12 +13,26 @@ if _os.environ.get("NLMEGEN_X64", "1") != "0":
     _jax.config.update("jax_enable_x64", True)
 
 from . import datasets as datasets  # noqa: E402
+from . import diagnostics as diagnostics  # noqa: E402
+from . import examples as examples  # noqa: E402
 from ._errors import DataError as DataError  # noqa: E402
 from ._errors import ModelError as ModelError  # noqa: E402
 from .data import Population as Population  # noqa: E402
 from .data import read_nonmem as read_nonmem  # noqa: E402
+from .diagnostics import gof as gof  # noqa: E402
+from .diagnostics import plot_individuals as plot_individuals  # noqa: E402
+from .diagnostics import vpc as vpc  # noqa: E402
 from .dynamics import ode as ode  # noqa: E402
 from .dynamics import pk as pk  # noqa: E402
+from .infer import FO as FO  # noqa: E402
+from .infer import FOCE as FOCE  # noqa: E402
+from .infer import FOCEI as FOCEI  # noqa: E402
+from .infer import NUTS as NUTS  # noqa: E402
+from .infer import FitResult as FitResult  # noqa: E402
+from .infer import Laplace as Laplace  # noqa: E402
+from .infer import fit as fit  # noqa: E402
+from .infer import objective as objective  # noqa: E402
+from .io import load as load  # noqa: E402
 from .model import additive as additive  # noqa: E402
 from .model import combined as combined  # noqa: E402
 from .model import nn as nn  # noqa: E402
@@ -27,21 +41,6 @@ from .model import proportional as proportional  # noqa: E402
 from .model import subjects as subjects  # noqa: E402
 from .simulate import simulate as simulate  # noqa: E402
 from .simulate import simulate_arrays as simulate_arrays  # noqa: E402
-from . import diagnostics as diagnostics  # noqa: E402,I001
-from .diagnostics import gof as gof  # noqa: E402
-from .diagnostics import plot_individuals as plot_individuals  # noqa: E402
-from .diagnostics import vpc as vpc  # noqa: E402
-from .infer import FO as FO  # noqa: E402
-from .infer import FOCE as FOCE  # noqa: E402
-from .infer import FOCEI as FOCEI  # noqa: E402
-from .infer import Laplace as Laplace  # noqa: E402
-from .infer import NUTS as NUTS  # noqa: E402
-from .infer import fit as fit  # noqa: E402
-from .infer import objective as objective  # noqa: E402
-from .infer import FitResult as FitResult  # noqa: E402
-from .io import load as load  # noqa: E402
-
-from . import examples as examples  # noqa: E402,I001  (needs the names above)
 
 __version__ = "0.1.0"
 

@@ -106,7 +106,7 @@ def simulate(
     """
     model, params, pop = _resolve(model, params_or_fit, pop)
     if individual:
-        params.update(_individual_effects(params_or_fit, model, pop))
+        params.update(ebe_values(params_or_fit, pop, discover(model, pop).random_effects))
     value = simulate_arrays(model, params, pop, key=key, n=n, noise=noise)
     mask, dvid = np.asarray(pop.mask), np.asarray(pop.dvid)
     subj, obs = np.nonzero(mask)
@@ -117,8 +117,8 @@ def simulate(
     return pd.concat(frames, ignore_index=True)
 
 
-def _individual_effects(fit, model, pop) -> dict:
-    """The fit's EBEs as random-effect values for ``pop``'s subjects (matched by ID)."""
+def ebe_values(fit, pop, random_effects) -> dict:
+    """The fit's EBEs as values of the ``random_effects`` sites for ``pop``'s subjects (matched by ID)."""
     if isinstance(fit, Mapping):
         raise ValueError("individual=True needs a FitResult (its EBEs), not a parameter dict")
     missing = [sid for sid in pop.ids if sid not in fit.ebes.index]
@@ -126,7 +126,7 @@ def _individual_effects(fit, model, pop) -> dict:
         raise ModelError(f"individual=True: no EBEs for subject(s) {missing[:10]} in this fit")
     table = fit.ebes.loc[list(pop.ids)]
     out = {}
-    for site in discover(model, pop).random_effects:
+    for site in random_effects:
         columns = [c for c in table.columns if c == site.name or c.startswith(f"{site.name}[")]
         out[site.name] = table[columns].to_numpy(float).reshape((pop.n_subjects, *site.shape))
     return out

@@ -20,7 +20,7 @@ subject at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -221,10 +221,6 @@ class Population(eqx.Module):
         from ._edit import with_regimen
 
         return with_regimen(self, doses, ids=ids)
-
-    def map_arrays(self, fn: Callable[[Array], Array]) -> Population:
-        """Apply ``fn`` to every array leaf (e.g. ``jnp.asarray``); static metadata is kept."""
-        return jax.tree_util.tree_map(fn, self)
 
     def __repr__(self) -> str:  # short: the arrays can be large
         return (

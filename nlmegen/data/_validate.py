@@ -119,7 +119,7 @@ def _ids(table: pd.DataFrame, roles: TableRoles, where: Locator) -> np.ndarray:
     return ids
 
 
-def _event_ids(num: dict, roles: TableRoles, n: int, where: Locator) -> np.ndarray:
+def _event_ids(num: dict, roles: TableRoles, where: Locator) -> np.ndarray:
     amt = num["AMT"]
     if roles.has("EVID"):
         evid = num["EVID"]
@@ -228,7 +228,7 @@ def validate(table: pd.DataFrame, roles: TableRoles, where: Locator, *,
     same = np.r_[False, ids[1:] == ids[:-1]]
     _fail(same & (time < np.r_[np.inf, time[:-1]]), where,
           f"column {tcol}: time goes backwards within subject (times must be sorted within each ID)")
-    evid = _event_ids(num, roles, n, where)
+    evid = _event_ids(num, roles, where)
     _check_doses(num, evid, roles, where)
     cmt = num["CMT"]
     dose = np.isin(evid, (1, 4, 101))

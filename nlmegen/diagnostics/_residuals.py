@@ -34,12 +34,12 @@ def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
 def _linearisation(fit, pop):
     """f, V and G = df/d eta at the EBEs, and Omega, from the fit's model (Gaussian residuals)."""
     from ..infer._objective import Objective, _value_and_columns
+    from ..simulate import ebe_values
 
     density = Density(fit.model, discover(fit.model, pop))
     objective = Objective(density, "focei")
     theta = jnp.asarray(fit.theta)
-    eta = density.eta_space.unconstrain({s.name: _ebe_values(fit, s.name, s.shape)
-                                         for s in density.sites.random_effects})
+    eta = density.eta_space.unconstrain(ebe_values(fit, pop, density.sites.random_effects))
 
     @jax.jit
     def pieces(theta, eta, pop):
@@ -47,7 +47,7 @@ def _linearisation(fit, pop):
             parts = objective._trace_parts(theta, e, pop)
             return parts["f"], parts["var"]
 
-        (f, var), (g, _) = _value_and_columns(obs, eta, eta.shape[-1])
+        (f, var), (g, _) = _value_and_columns(obs, eta)
         return f, var, g, objective.prior_precision(theta, pop)
 
     try:
@@ -55,12 +55,6 @@ def _linearisation(fit, pop):
     except ModelError as err:
         raise ModelError(f"CWRES and IWRES need Gaussian residuals: {err}") from None
     return f, var, g, np.linalg.inv(precision), np.asarray(eta)
-
-
-def _ebe_values(fit, name: str, shape: tuple) -> np.ndarray:
-    columns = [c for c in fit.ebes.columns if c == name or c.startswith(f"{name}[")]
-    values = fit.ebes[columns].to_numpy(float)
-    return values.reshape((values.shape[0], *shape))
 
 
 def _cwres(dv, f, var, g, omega, eta, mask) -> np.ndarray:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple

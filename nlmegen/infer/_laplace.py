@@ -20,7 +20,6 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 import scipy.optimize
 from tqdm.auto import tqdm
 
@@ -331,7 +330,3 @@ def information_criteria(ofv: float, n_obs: int, n_params: int) -> tuple[float, 
     """(loglik, AIC, BIC) with the constant included, as nlmixr2 and Monolix report them."""
     ll = loglik_from_ofv(ofv, n_obs)
     return ll, -2 * ll + 2 * n_params, -2 * ll + math.log(n_obs) * n_params
-
-
-def to_frame(history: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(history)

@@ -137,7 +137,7 @@ class Objective:
         var0 = self.frozen_variance(theta, pop)
 
         def optimality(eta):
-            return _fwd_grad(lambda e: self.joint(theta, e, pop, var0), eta)
+            return _columns(lambda e: self.joint(theta, e, pop, var0), eta)
 
         def tangent_solve(linear, rhs):
             hess = _block_columns(linear, rhs.shape)  # [subj, d, d] = d optimality / d eta
@@ -154,18 +154,16 @@ class Objective:
 
     def curvature(self, theta: Array, eta: Array, pop, var0: Array | None = None) -> Array:
         """``A_i`` of the method (see module docstring), ``[subj, d, d]``."""
-        d = self.n_eta
         if self.method == "laplace":
-            grad = lambda e: _fwd_grad(lambda x: self.joint(theta, x, pop), e)  # noqa: E731
-            return -_jacobian_blocks(grad, eta, d)
-        grad_prior = lambda e: _fwd_grad(lambda x: self._trace_parts(theta, x, pop)["prior"], e)  # noqa: E731
-        a = -_jacobian_blocks(grad_prior, eta, d)
+            grad = lambda e: _columns(lambda x: self.joint(theta, x, pop), e)  # noqa: E731
+            return -_columns(grad, eta)
+        a = self._prior_curvature(theta, eta, pop)
 
         def obs(e):
             parts = self._trace_parts(theta, e, pop)
             return parts["f"], parts["var"]
 
-        (f, var), (g, dvar) = _value_and_columns(obs, eta, d)
+        (_, var), (g, dvar) = _value_and_columns(obs, eta)
         mask = self._trace_parts(theta, eta, pop)["mask"]
         if self.method == "foce":
             var, dvar = var0, jnp.zeros_like(dvar)
@@ -190,11 +188,14 @@ class Objective:
         _, logdet = jnp.linalg.slogdet(a)
         return -2.0 * (loglik + parts["prior"]) - (n_obs + self.n_eta) * LOG_2PI + logdet
 
+    def _prior_curvature(self, theta: Array, eta: Array, pop) -> Array:
+        """``-d^2 log p(eta | theta) / d eta^2`` per subject, ``[subj, d, d]``."""
+        grad_prior = lambda e: _columns(lambda x: self._trace_parts(theta, x, pop)["prior"], e)  # noqa: E731
+        return -_columns(grad_prior, eta)
+
     def prior_precision(self, theta: Array, pop) -> Array:
-        """``-d^2 log p(eta | theta) / d eta^2`` at eta = 0, ``[subj, d, d]`` (Omega^-1 if Gaussian)."""
-        zero = jnp.zeros((pop.n_subjects, self.n_eta))
-        grad_prior = lambda e: _fwd_grad(lambda x: self._trace_parts(theta, x, pop)["prior"], e)  # noqa: E731
-        return -_jacobian_blocks(grad_prior, zero, self.n_eta)
+        """The prior curvature at eta = 0, ``[subj, d, d]`` (Omega^-1 for Gaussian random effects)."""
+        return self._prior_curvature(theta, jnp.zeros((pop.n_subjects, self.n_eta)), pop)
 
     def _fo_ofv(self, theta: Array, pop) -> Array:
         """First-order: marginal Gaussian of the model linearised at eta = 0 (Woodbury form)."""
@@ -204,7 +205,7 @@ class Objective:
         def obs(e):
             return self._trace_parts(theta, e, pop)["f"]
 
-        f, g = _value_and_columns(obs, zero, self.n_eta)
+        f, g = _value_and_columns(obs, zero)
         parts = self._trace_parts(theta, zero, pop)
         w = jnp.where(parts["mask"], 1.0 / parts["var"], 0.0)
         r = jnp.where(parts["mask"], parts["y"] - f, 0.0)
@@ -272,23 +273,22 @@ def _basis(shape: tuple, d: int) -> Array:
     return jnp.broadcast_to(jnp.eye(d)[:, None, :], (d, *shape))
 
 
-def _fwd_grad(fn, eta: Array) -> Array:
-    """Per-subject gradients ``[subj, d]`` of ``fn: [subj, d] -> [subj]`` by ``d`` forward-mode passes."""
-    cols = jax.vmap(lambda t: jax.jvp(fn, (eta,), (t,))[1])(_basis(eta.shape, eta.shape[-1]))  # [d, subj]
-    return jnp.moveaxis(cols, 0, -1)
+def _value_and_columns(fn, eta: Array) -> tuple[Any, Any]:
+    """``fn(eta)`` and its derivative columns along each eta component, stacked on a new last axis.
 
-
-def _jacobian_blocks(fn, eta: Array, d: int) -> Array:
-    """Per-subject Jacobians ``[subj, d, d]`` of ``fn: [subj, d] -> [subj, d]`` (subjects independent)."""
-    cols = jax.vmap(lambda t: jax.jvp(fn, (eta,), (t,))[1])(_basis(eta.shape, d))  # [k, subj, d]
-    return jnp.moveaxis(cols, 0, -1)
-
-
-def _value_and_columns(fn, eta: Array, d: int) -> tuple[Any, Any]:
-    """``fn(eta)`` and its per-subject derivative columns along each eta component (last axis)."""
-    value = fn(eta)
-    cols = jax.vmap(lambda t: jax.jvp(fn, (eta,), (t,))[1])(_basis(eta.shape, d))
+    One forward-mode pass per component, with the tangent set for every subject at once: because
+    subjects are independent this gives each subject's own Jacobian (gradient for ``[subj]``
+    outputs, Hessian blocks for ``[subj, d]`` ones). The primal does not depend on the tangent, so
+    vmap computes it once.
+    """
+    value, cols = jax.vmap(lambda t: jax.jvp(fn, (eta,), (t,)), out_axes=(None, 0))(
+        _basis(eta.shape, eta.shape[-1]))
     return value, jax.tree_util.tree_map(lambda c: jnp.moveaxis(c, 0, -1), cols)
+
+
+def _columns(fn, eta: Array) -> Any:
+    """Per-subject Jacobian columns of ``fn`` (see `_value_and_columns`): ``[subj, d]`` or ``[subj, d, d]``."""
+    return _value_and_columns(fn, eta)[1]
 
 
 def _block_columns(linear, shape: tuple) -> Array:
@@ -307,7 +307,7 @@ def _positive_definite(a: Array, floor: float = 1e-8) -> Array:
 
 def _newton(objective, matrix, eta0: Array, max_iter: int, gtol: float, max_halvings: int) -> EBEState:
     """Maximise ``objective: [subj, d] -> [subj]`` for all subjects at once (damped Newton)."""
-    grad_fn = lambda e: _fwd_grad(objective, e)  # noqa: E731
+    grad_fn = lambda e: _columns(objective, e)  # noqa: E731
 
     def gnorm(g):
         return jnp.max(jnp.abs(g), axis=-1) if g.shape[-1] else jnp.zeros(g.shape[:1])

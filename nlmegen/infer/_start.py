@@ -6,7 +6,6 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import numpyro
 from numpyro import handlers
 from numpyro.infer.initialization import init_to_median
@@ -67,13 +66,4 @@ def theta_labels(space) -> list[str]:
             labels.append(block.site.name)
         else:
             labels.extend(f"{block.site.name}[{i}]" for i in range(size))
-    return labels
-
-
-def constrained_labels(values: dict) -> list[str]:
-    """Labels of the flattened user-scale values (same rule as `theta_labels`)."""
-    labels = []
-    for name, value in values.items():
-        arr = np.asarray(value)
-        labels.extend([name] if arr.ndim == 0 else [f"{name}[{i}]" for i in range(arr.size)])
     return labels

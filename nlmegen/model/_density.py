@@ -77,7 +77,8 @@ class ParameterSpace:
         return tuple(s.name for s in self.sites)
 
     def _lead(self, u: Array) -> tuple:
-        return u.shape[:1] if self.batch else ()
+        """The subject axis of ``u`` when batched (random effects), else nothing."""
+        return tuple(u.shape[:1]) if self.batch else ()
 
     def constrain(self, u: Array) -> dict[str, Any]:
         """Constrained values of every site from the unconstrained vector ``u``."""
@@ -103,16 +104,13 @@ class ParameterSpace:
                 pieces.append(jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(v)]))
                 continue
             v = jnp.asarray(v, dtype=float)
-            target = self._lead_shape(v, b) + tuple(b.site.shape)
+            target = self._lead(v) + tuple(b.site.shape)
             v = jnp.broadcast_to(v, target)
             u = biject_to(b.site.support).inv(v)
             pieces.append(u.reshape(target[: len(target) - len(b.site.shape)] + (-1,)))
         if not pieces:
             return jnp.zeros((0,))
         return jnp.concatenate(pieces, axis=-1)
-
-    def _lead_shape(self, v: Array, b: _Block) -> tuple:
-        return tuple(v.shape[:1]) if self.batch else ()
 
     def log_abs_det_jacobian(self, u: Array) -> Array:
         """log|d constrained / d unconstrained|, summed per subject (``[subj]``) or in total."""
