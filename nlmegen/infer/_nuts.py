@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import functools
 import time
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.infer import MCMC
@@ -34,15 +31,16 @@ from numpyro.infer.initialization import init_to_median, init_to_sample, init_to
 from numpyro.infer.reparam import LocScaleReparam
 
 from .._errors import ModelError
-from ..model import Density, discover
+from ..model import discover
 from ._laplace import check_population
 from ._result import FitResult
-from ._start import _as_value, _check_names, theta_labels
+from ._start import _as_value, _check_names
 
 __all__ = ["NUTS"]
 
 #: Sampler statistics collected with the draws (NumPyro name -> name in ``FitResult.draws``).
-_EXTRA_FIELDS = {"diverging": "diverging", "num_steps": "num_steps", "accept_prob": "accept_prob",
+#: ArviZ's names (``n_steps``, ``acceptance_rate``, ``tree_depth``) so its plots find them.
+_EXTRA_FIELDS = {"diverging": "diverging", "num_steps": "n_steps", "accept_prob": "acceptance_rate",
                  "adapt_state.step_size": "step_size", "energy": "energy", "potential_energy": "lp"}
 RHAT_OK = 1.01
 
@@ -92,7 +90,7 @@ class NUTS:
 
     method: ClassVar[str] = "nuts"
     num_warmup: int = 500
-    num_samples: int = 500
+    num_samples: int = 1000
     num_chains: int = 4
     target_accept_prob: float = 0.8
     max_tree_depth: int = 10
@@ -150,6 +148,8 @@ class NUTS:
         sample_s = time.perf_counter() - start
         if "lp" in stats:
             stats["lp"] = -stats["lp"]  # potential energy is -log density (unconstrained, up to a constant)
+        if "n_steps" in stats:  # a tree of depth d takes up to 2**d - 1 leapfrog steps (ArviZ's from_numpyro)
+            stats["tree_depth"] = np.floor(np.log2(np.maximum(stats["n_steps"], 1))).astype(np.int64) + 1
         timings = {"compile_s": float("nan"), "warmup_s": warmup_s, "sample_s": sample_s,
                    "run_s": warmup_s + sample_s}
         return _result(self, model, pop, sites, samples, stats, fixed, reparam_sites, chain_method, timings)
@@ -195,16 +195,6 @@ def _normal_random_effects(model, pop, random: list[str]) -> list[str]:
     return found
 
 
-def _vmap_unconstrain(space, values: dict, lead: tuple) -> np.ndarray:
-    """Unconstrain draws with leading axes ``lead`` (e.g. ``(chain, draw)``): ``[*lead, size]``."""
-    if not space.sites:
-        return np.zeros(lead + (0,))
-    n = int(np.prod(lead))
-    flat = jax.tree_util.tree_map(lambda v: jnp.reshape(jnp.asarray(v), (n,) + np.shape(v)[len(lead):]), values)
-    out = jax.vmap(space.unconstrain)(flat)
-    return np.asarray(out).reshape(lead + out.shape[1:])
-
-
 def _labels(name: str, shape: tuple, ids: tuple | None) -> list[str]:
     """``name``, ``name[i]`` (population) or ``name[ID, i]`` (random effects, by subject ID)."""
     if ids is None:
@@ -230,46 +220,13 @@ def _diagnostics(samples: dict, names: list[str], random: list[str], ids: tuple)
 
 
 def _result(backend, model, pop, sites, samples, stats, fixed, reparam_sites, chain_method, timings) -> FitResult:
-    from ._finish import _ebe_table, _flat_values, _settings, _transforms, site_means
+    from ._draws import summarise_draws
+    from ._finish import _settings
 
-    density = Density(model, sites)
-    theta_space, eta_space = density.theta_space, density.eta_space
     n_chains, n_draws = next(iter(stats.values())).shape[:2] if stats else (backend.num_chains, backend.num_samples)
-    lead = (n_chains, n_draws)
     free_names = [s.name for s in sites.population if s.name not in fixed]
     random = [s.name for s in sites.random_effects]
-
-    # population: medians of the unconstrained draws, mapped back (valid for any support)
-    pop_values = {}
-    for s in sites.population:
-        pop_values[s.name] = samples[s.name] if s.name in samples else jax.tree_util.tree_map(
-            lambda x: np.broadcast_to(np.asarray(x, float), lead + np.shape(x)), fixed[s.name])
-    theta_draws = _vmap_unconstrain(theta_space, pop_values, lead)
-    theta = np.median(theta_draws.reshape(-1, theta_draws.shape[-1]), axis=0)
-    params = {k: (np.asarray(v) if not isinstance(v, dict) else _flat_values({k: v}))
-              for k, v in theta_space.constrain(jnp.asarray(theta)).items()}
-    se = {k: (np.full(np.shape(params[k]), np.nan) if k in fixed else np.std(samples[k], axis=(0, 1), ddof=1))
-          for k in params}
-    free = np.ones(theta.size, bool)
-    for block in theta_space.blocks:
-        if block.site.name in fixed:
-            free[block.start:block.stop] = False
-
-    # random effects: posterior medians (EBEs) and per-subject posterior covariance, unconstrained
-    n_subj = pop.n_subjects
-    if random:
-        eta_draws = _vmap_unconstrain(eta_space, {k: samples[k] for k in random}, lead)  # [c, d, subj, n_eta]
-        eta_flat = eta_draws.reshape((-1,) + eta_draws.shape[2:])
-        eta = np.median(eta_flat, axis=0)
-        centred = eta_flat - eta_flat.mean(axis=0)
-        ebe_cov = np.einsum("nsi,nsj->sij", centred, centred) / max(eta_flat.shape[0] - 1, 1)
-    else:
-        eta = np.zeros((n_subj, 0))
-        ebe_cov = np.zeros((n_subj, 0, 0))
-    holder = types.SimpleNamespace(density=density, pop=pop)
-    with numpyro.validation_enabled(False):
-        pred = np.asarray(site_means(density, jnp.asarray(theta), jnp.zeros_like(jnp.asarray(eta)), pop))
-        ipred = np.asarray(site_means(density, jnp.asarray(theta), jnp.asarray(eta), pop))
+    summary = summarise_draws(model, pop, sites, samples, fixed, (n_chains, n_draws))
 
     # diagnostics -> status
     rhat, ess = _diagnostics(samples, free_names + random, random, tuple(pop.ids))
@@ -295,21 +252,13 @@ def _result(backend, model, pop, sites, samples, stats, fixed, reparam_sites, ch
     if worst is not None and max_rhat >= RHAT_OK:
         warnings.append(f"R-hat {max_rhat:.3f} for {worst} (>= {RHAT_OK}): chains have not mixed; run longer")
     max_steps = 2 ** backend.max_tree_depth - 1
-    if "num_steps" in stats and np.any(stats["num_steps"] >= max_steps):
-        hits = int(np.sum(stats["num_steps"] >= max_steps))
+    if "n_steps" in stats and np.any(stats["n_steps"] >= max_steps):
+        hits = int(np.sum(stats["n_steps"] >= max_steps))
         warnings.append(f"{hits} transition(s) hit max_tree_depth={backend.max_tree_depth}")
 
     draws = {k: samples[k] for k in free_names + random}
     draws.update(stats)
     settings = {**_settings(backend), "chain_method_used": chain_method, "noncentered_sites": list(reparam_sites)}
-    return FitResult(
-        method=backend.method, params=params, se=se, ofv=np.nan, loglik=np.nan, aic=np.nan, bic=np.nan,
-        n_obs=int((pop.mask & (pop.cens == 0)).sum()), n_params=int(free.sum()), n_subjects=n_subj,
-        status=status, message="; ".join(notes), ebes=_ebe_table(holder, eta), ebe_cov=ebe_cov,
-        ebe_converged=np.ones(n_subj, bool), ids=tuple(pop.ids), times=np.asarray(pop.times),
-        dv=np.asarray(pop.dv), mask=np.asarray(pop.mask), dvid=np.asarray(pop.dvid), outputs=tuple(pop.outputs),
-        pred=pred, ipred=ipred, theta=theta, theta_names=tuple(theta_labels(theta_space)), free=free,
-        covariance=None, covariance_kind="none", se_unconstrained=None, shrinkage={}, timings=timings,
-        settings=settings, warnings=tuple(warnings), draws=draws, fixed=tuple(n for n in fixed),
-        transforms=_transforms(density), model=model, pop=pop,
-    )
+    return FitResult(method=backend.method, status=status, message="; ".join(notes), covariance=None,
+                     covariance_kind="none", se_unconstrained=None, shrinkage={}, timings=timings,
+                     settings=settings, warnings=tuple(warnings), draws=draws, **summary)

@@ -286,11 +286,18 @@ class FitResult:
         stays positive and matches the usual log-normal asymptotics of such parameters. Fixed
         sites have NaN SE and intervals.
 
+        Fits with posterior ``draws`` (NUTS, SVI) report the posterior instead: ``estimate`` is
+        the median, ``SE`` the posterior SD, the interval the equal-tailed 95% credible interval
+        (2.5% and 97.5% quantiles of the draws), and ArviZ's diagnostics are added: ``r_hat``
+        (rank-normalised split R-hat), ``ess_bulk`` and ``ess_tail`` (Vehtari et al. 2021).
+
         Returns
         -------
         pandas.DataFrame
             Indexed by element label (index name ``"parameter"``).
         """
+        if self.draws is not None:
+            return self._posterior_summary()
         rows = []
         for name, value in self.params.items():
             est = np.ravel(np.asarray(value, dtype=float))
@@ -305,6 +312,35 @@ class FitResult:
         table = pd.DataFrame(rows, columns=["parameter", "estimate", "SE", "RSE%", "CI95_lower", "CI95_upper",
                                             "fixed"])
         return table.set_index("parameter")
+
+    def _posterior_summary(self) -> pd.DataFrame:
+        import arviz as az
+
+        rows = []
+        for name, value in self.params.items():
+            fixed = name in self.fixed
+            labels = element_labels(name, value.shape)
+            if fixed or name not in self.draws:
+                pairs = zip(labels, np.ravel(value), strict=True)
+                rows.extend((lab, float(e), *[math.nan] * 6, fixed) for lab, e in pairs)
+                continue
+            x = np.asarray(self.draws[name], dtype=float)
+            flat = x.reshape(x.shape[:2] + (-1,))
+            lo, hi = np.quantile(flat, [0.025, 0.975], axis=(0, 1))
+            sd = np.std(flat, axis=(0, 1), ddof=1)
+            diag = {}
+            checks = (("r_hat", {}), ("ess_bulk", {"method": "bulk"}), ("ess_tail", {"method": "tail", "prob": 0.05}))
+            for what, kw in checks:
+                fn = az.rhat if what == "r_hat" else az.ess
+                diag[what] = (np.atleast_1d(np.asarray(fn(flat, chain_axis=0, draw_axis=1, **kw), dtype=float))
+                              if x.shape[0] * x.shape[1] >= 4 else np.full(flat.shape[-1], np.nan))
+            for i, (label, e) in enumerate(zip(labels, np.ravel(value), strict=True)):
+                rse = 100.0 * sd[i] / abs(e) if e != 0 else math.nan
+                rows.append((label, float(e), sd[i], rse, lo[i], hi[i], diag["r_hat"][i], diag["ess_bulk"][i],
+                             diag["ess_tail"][i], False))
+        columns = ["parameter", "estimate", "SE", "RSE%", "CI95_lower", "CI95_upper", "r_hat", "ess_bulk",
+                   "ess_tail", "fixed"]
+        return pd.DataFrame(rows, columns=columns).set_index("parameter")
 
     def __repr__(self) -> str:
         lines = [f"FitResult: method={self.method!r}, status={self.status!r}"]
@@ -330,7 +366,7 @@ class FitResult:
 
         return residuals(self, n_sim=n_sim, key=key)
 
-    def to_arviz(self, n_draws: int = 1000, seed: int = 0) -> Any:
+    def to_arviz(self, n_draws: int = 1000, seed: int = 0, *, log_likelihood: bool = True) -> Any:
         """This result as an ArviZ `xarray.DataTree`; see :func:`nlmegen.io.to_arviz`.
 
         Parameters
@@ -340,10 +376,12 @@ class FitResult:
             holds posterior draws).
         seed
             Seed of those draws.
+        log_likelihood
+            Add the pointwise ``log_likelihood`` group (Bayesian fits holding their model and data).
         """
         from ..io._arviz import to_arviz
 
-        return to_arviz(self, n_draws=n_draws, seed=seed)
+        return to_arviz(self, n_draws=n_draws, seed=seed, log_likelihood=log_likelihood)
 
     def save(self, path: Any, *, overwrite: bool = False) -> None:
         """Write this result to a netCDF file (``model``, ``pop`` and ``transforms`` excepted).

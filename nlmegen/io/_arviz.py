@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["load", "save", "to_arviz"]
 
 FORMAT, FORMAT_VERSION = "FitResult", 1
-SAMPLE_STATS = ("lp", "diverging", "accept_prob", "step_size", "tree_depth", "n_steps", "num_steps",
+SAMPLE_STATS = ("lp", "diverging", "acceptance_rate", "accept_prob", "step_size", "tree_depth", "n_steps", "num_steps",
                 "energy", "potential_energy", "mean_tree_accept")
 NAMED_SUPPORTS = ("real", "positive", "unit_interval", "corr_cholesky", "corr_matrix", "lower_cholesky",
                   "scaled_unit_lower_cholesky", "softplus_lower_cholesky", "softplus_positive", "simplex",
@@ -228,7 +228,17 @@ _DESCRIPTIONS = {
 }
 
 
-def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0) -> Any:
+def _log_likelihood(fit: FitResult, posterior: dict) -> np.ndarray:
+    """``[chain, draw, obs]`` pointwise log-likelihood of the real observations at every draw."""
+    from ..infer._pointwise import pointwise_log_likelihood
+
+    lead = next(iter(posterior.values())).shape[:2]
+    fixed = {k: v for k, v in fit.params.items() if k not in posterior}
+    ll = pointwise_log_likelihood(fit.model, fit.pop, posterior, fixed, lead)
+    return ll[..., fit.mask]
+
+
+def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likelihood: bool = True) -> Any:
     """Convert a `FitResult` to an ArviZ `xarray.DataTree`.
 
     Groups:
@@ -245,6 +255,10 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0) -> Any:
     - ``sample_stats``: maximum likelihood: ``log_q``, the log density of the normal approximation
       at each draw (for importance resampling, SIR); Bayesian: the keys of ``fit.draws`` that are
       sampler statistics (``lp``, ``diverging``, ...). Absent when empty.
+    - ``log_likelihood``: Bayesian fits only, while the fit still holds its model and data (not
+      after `load`): ``DV``, the log-likelihood of each observation at each draw, dims
+      ``(chain, draw, obs)`` (M3 terms for censored records), so ``arviz.loo`` works. Skipped
+      with ``log_likelihood=False``.
     - ``observed_data``: ``DV`` over the real observations (dim ``obs``, subjects in order, padding
       dropped) with coordinates ``ID``, ``TIME`` and ``output``.
     - ``constant_data``: ``ID``, ``TIME``, ``DVID`` (output index) and ``output`` per observation.
@@ -262,6 +276,8 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0) -> Any:
         Number of draws for maximum-likelihood fits (ignored for Bayesian ones).
     seed
         Seed of those draws (NumPy generator).
+    log_likelihood
+        Compute the ``log_likelihood`` group (Bayesian fits).
 
     Returns
     -------
@@ -277,6 +293,8 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0) -> Any:
               "constant_data": {k: obs[k] for k in ("ID", "TIME", "DVID", "output")}}
     if stats:
         groups["sample_stats"] = stats
+    if kind == "draws" and log_likelihood and fit.model is not None and fit.pop is not None:
+        groups["log_likelihood"] = {"DV": _log_likelihood(fit, posterior)}
     root = {"nlmegen_method": fit.method, "nlmegen_status": fit.status, "ofv": fit.ofv, "loglik": fit.loglik,
             "aic": fit.aic, "bic": fit.bic, "posterior_kind": kind}
     dt = from_dict(groups, coords=coords, dims=dims,

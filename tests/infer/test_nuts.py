@@ -70,6 +70,46 @@ def test_to_arviz_summary(theo_nuts):
     table = az.summary(tree, var_names=["tka", "tcl", "tv", "omega", "add_sd"])
     assert {"r_hat", "ess_bulk"} <= set(table.columns)
     assert np.all(np.asarray(table["ess_bulk"], dtype=float) > 50)
+    assert {"diverging", "tree_depth", "step_size", "acceptance_rate", "n_steps", "lp"} <= set(
+        tree["sample_stats"].data_vars)
+    steps = np.asarray(tree["sample_stats"]["n_steps"])
+    depth = np.asarray(tree["sample_stats"]["tree_depth"])
+    assert np.all(steps <= 2 ** depth - 1) and np.all(steps >= 2 ** (depth - 1))
+    assert list(tree["posterior"]["eta"].coords["subject"].values) == list(range(1, 13))
+
+
+def test_pointwise_log_likelihood_and_loo(theo_nuts, theo):
+    import arviz as az
+    import jax.numpy as jnp
+    from scipy.stats import norm
+
+    tree = theo_nuts.to_arviz()
+    ll = tree["log_likelihood"]["DV"]
+    assert dict(ll.sizes) == {"chain": CHAINS, "draw": DRAWS, "obs": int(np.sum(theo.mask))}
+    # one draw, one observation, by hand: Normal(C, add_sd) at the drawn parameters
+    c, d, i = 1, 17, 40
+    subj, col = np.argwhere(np.asarray(theo.mask))[i]
+    draw = {k: theo_nuts.draws[k][c, d] for k in ("tka", "tcl", "tv", "add_sd", "eta")}
+    eta = draw["eta"]
+    conc = nlmegen.pk.one_cmt(theo, ka=jnp.exp(draw["tka"] + eta[:, 0]), cl=jnp.exp(draw["tcl"] + eta[:, 1]),
+                              v=jnp.exp(draw["tv"] + eta[:, 2]))
+    expected = norm.logpdf(float(theo.dv[subj, col]), float(conc[subj, col]), float(draw["add_sd"]))
+    assert float(ll[c, d, i]) == pytest.approx(expected, rel=1e-10)
+    loo = az.loo(tree)
+    assert np.isfinite(loo.elpd) and loo.elpd < 0
+
+
+def test_summary_is_the_posterior_table(theo_nuts):
+    table = theo_nuts.summary()
+    assert {"estimate", "SE", "CI95_lower", "CI95_upper", "r_hat", "ess_bulk", "ess_tail"} <= set(table.columns)
+    draws = theo_nuts.draws["tcl"].ravel()
+    row = table.loc["tcl"]
+    assert row["estimate"] == pytest.approx(np.median(draws))
+    assert row["CI95_lower"] == pytest.approx(np.quantile(draws, 0.025))
+    assert row["CI95_upper"] == pytest.approx(np.quantile(draws, 0.975))
+    assert row["SE"] == pytest.approx(np.std(draws, ddof=1))
+    assert 0.99 < row["r_hat"] < 1.05 and row["ess_bulk"] > 50
+    assert list(table.index[:3]) == ["tka", "tcl", "tv"] and "omega[2]" in table.index
 
 
 def test_needs_key(theo):
