@@ -3,6 +3,12 @@
 Importing nlmegen turns on JAX's 64-bit mode (estimation needs float64: float32 gives percent-level
 errors in ODE solutions and objective values). Set the environment variable ``NLMEGEN_X64=0``
 before importing to leave JAX's setting alone.
+
+It also turns on JAX's persistent compilation cache, so that a second Python process fitting the
+same model loads its compiled code instead of compiling it again. The cache lives in
+``$NLMEGEN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/nlmegen/jax``, i.e. ``~/.cache/nlmegen/jax``);
+``NLMEGEN_CACHE_DIR=0`` (or ``off``) disables it, and a directory already set through
+``jax.config.update("jax_compilation_cache_dir", ...)`` before the import is left alone.
 """
 
 import os as _os
@@ -11,6 +17,25 @@ import jax as _jax
 
 if _os.environ.get("NLMEGEN_X64", "1") != "0":
     _jax.config.update("jax_enable_x64", True)
+
+
+def _enable_compilation_cache() -> None:
+    """Point JAX's persistent compilation cache at nlmegen's cache directory (see module docstring)."""
+    setting = _os.environ.get("NLMEGEN_CACHE_DIR", "")
+    if setting.strip().lower() in ("0", "off", "false", "no") or _jax.config.jax_compilation_cache_dir:
+        return
+    if not setting:
+        base = _os.environ.get("XDG_CACHE_HOME") or _os.path.join(_os.path.expanduser("~"), ".cache")
+        setting = _os.path.join(base, "nlmegen", "jax")
+    try:
+        _os.makedirs(setting, exist_ok=True)
+    except OSError:  # read-only home: run without the cache rather than fail on import
+        return
+    _jax.config.update("jax_compilation_cache_dir", setting)
+    _jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+_enable_compilation_cache()
 
 from . import datasets as datasets  # noqa: E402
 from . import diagnostics as diagnostics  # noqa: E402
@@ -28,6 +53,8 @@ from .infer import FO as FO  # noqa: E402
 from .infer import FOCE as FOCE  # noqa: E402
 from .infer import FOCEI as FOCEI  # noqa: E402
 from .infer import NUTS as NUTS  # noqa: E402
+from .infer import SAEM as SAEM  # noqa: E402
+from .infer import SVI as SVI  # noqa: E402
 from .infer import FitResult as FitResult  # noqa: E402
 from .infer import Laplace as Laplace  # noqa: E402
 from .infer import fit as fit  # noqa: E402
@@ -44,6 +71,7 @@ from .simulate import simulate_arrays as simulate_arrays  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["FO", "FOCE", "FOCEI", "DataError", "Laplace", "ModelError", "NUTS", "Population", "additive", "combined",
-           "FitResult", "datasets", "examples", "fit", "load", "nn", "objective", "observe", "ode", "pk", "proportional", "read_nonmem",
-           "simulate", "simulate_arrays", "subjects", "diagnostics", "gof", "plot_individuals", "vpc"]
+__all__ = ["FO", "FOCE", "FOCEI", "NUTS", "SAEM", "SVI", "DataError", "FitResult", "Laplace", "ModelError",
+           "Population", "additive", "combined", "datasets", "diagnostics", "examples", "fit", "gof", "load", "nn",
+           "objective", "observe", "ode", "pk", "plot_individuals", "proportional", "read_nonmem", "simulate",
+           "simulate_arrays", "subjects", "vpc"]

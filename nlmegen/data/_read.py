@@ -114,7 +114,8 @@ def _interpolation_rules(interpolation: str | Mapping[str, str], names: Sequence
     else:
         unknown = set(interpolation) - set(names)
         if unknown:
-            raise DataError(f"interpolation given for unknown covariate(s) {sorted(unknown)}; covariates: {list(names)}")
+            raise DataError(f"interpolation given for unknown covariate(s) {sorted(unknown)}; "
+                            f"covariates: {list(names)}")
         rules = {name: interpolation.get(name, "nocb") for name in names}
     for name, rule in rules.items():
         if rule not in INTERPOLATIONS:

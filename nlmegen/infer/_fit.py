@@ -13,10 +13,13 @@ from .._errors import ModelError
 from ..model import Density, discover
 from ._laplace import FO, FOCE, FOCEI, Laplace, check_population
 from ._nuts import NUTS
+from ._saem import SAEM
+from ._svi import SVI
 
 __all__ = ["BACKENDS", "fit", "objective"]
 
-BACKENDS: dict[str, type] = {"focei": FOCEI, "foce": FOCE, "laplace": Laplace, "fo": FO, "nuts": NUTS}
+BACKENDS: dict[str, type] = {"focei": FOCEI, "foce": FOCE, "laplace": Laplace, "fo": FO, "saem": SAEM,
+                             "nuts": NUTS, "svi": SVI}
 
 
 def _backend(method: str | Any, settings: dict):
@@ -45,9 +48,11 @@ def fit(model, pop, method: str | Any = "focei", *, init: Mapping | None = None,
     pop
         The data (`nlmegen.read_nonmem`).
     method
-        ``"focei"`` (default), ``"foce"``, ``"laplace"``, ``"fo"``, ``"nuts"`` (full Bayes with the
-        model's priors), or a backend object such as ``nlmegen.FOCEI(covariance="R")`` or
-        ``nlmegen.NUTS(num_chains=4)`` carrying its settings.
+        ``"focei"`` (default), ``"foce"``, ``"laplace"``, ``"fo"``, ``"saem"`` (stochastic
+        approximation EM, exact likelihood), ``"nuts"`` or ``"svi"`` (full Bayes with the model's
+        priors: NUTS sampling, or variational inference with a chosen guide), or a backend object
+        such as ``nlmegen.FOCEI(covariance="R")``, ``nlmegen.SAEM(kernel="hmc")``,
+        ``nlmegen.NUTS(num_chains=4)`` or ``nlmegen.SVI(guide="iaf")`` carrying its settings.
     init
         Starting values ``{site: value}`` on the model's scale. Default: the median of each
         population site's prior (``numpyro.param`` sites: their own initial value).
