@@ -66,6 +66,7 @@ from .model import nn as nn  # noqa: E402
 from .model import observe as observe  # noqa: E402
 from .model import proportional as proportional  # noqa: E402
 from .model import subjects as subjects  # noqa: E402
+from .simulate import posterior_predictive as posterior_predictive  # noqa: E402
 from .simulate import simulate as simulate  # noqa: E402
 from .simulate import simulate_arrays as simulate_arrays  # noqa: E402
 
@@ -73,5 +74,5 @@ __version__ = "0.1.0"
 
 __all__ = ["FO", "FOCE", "FOCEI", "NUTS", "SAEM", "SVI", "DataError", "FitResult", "Laplace", "ModelError",
            "Population", "additive", "combined", "datasets", "diagnostics", "examples", "fit", "gof", "load", "nn",
-           "objective", "observe", "ode", "pk", "plot_individuals", "proportional", "read_nonmem", "simulate",
-           "simulate_arrays", "subjects", "vpc"]
+           "objective", "observe", "ode", "pk", "plot_individuals", "posterior_predictive", "proportional",
+           "read_nonmem", "simulate", "simulate_arrays", "subjects", "vpc"]

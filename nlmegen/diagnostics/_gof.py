@@ -105,7 +105,7 @@ def prediction_curves(fit, ids=None, *, n_points: int = 200) -> pd.DataFrame:
     """
     from ..data import read_nonmem
     from ..model import discover
-    from ..simulate import simulate
+    from ..simulate import ebe_values, simulate_batched
 
     if fit.model is None or fit.pop is None:
         raise ValueError("prediction curves need the fit's model and population (fit.model / fit.pop)")
@@ -114,11 +114,19 @@ def prediction_curves(fit, ids=None, *, n_points: int = 200) -> pd.DataFrame:
     if unknown:
         raise KeyError(f"subjects {unknown[:10]} are not in the fit")
     grid_pop = read_nonmem(_grid_table(fit, ids, n_points), allow_missing_dv=True)
-    key = jax.random.key(0)
-    ipred = simulate(None, fit, grid_pop, key=key, individual=True, noise=False)
-    zeros = {s.name: np.zeros((grid_pop.n_subjects, *s.shape))
-             for s in discover(fit.model, grid_pop).random_effects}
-    pred = simulate(fit.model, {**fit.params, **zeros}, grid_pop, key=key, noise=False)
-    out = ipred.drop(columns="replicate").rename(columns={"value": "IPRED"})
-    out["PRED"] = pred["value"].to_numpy()
+    # one batched simulation of two replicates: random effects at the EBEs (IPRED) and at zero (PRED)
+    random_effects = discover(fit.model, grid_pop).random_effects
+    ebes = ebe_values(fit, grid_pop, random_effects)
+    values = {k: np.stack([v, v]) if not isinstance(v, dict) else jax.tree_util.tree_map(lambda x: np.stack([x, x]), v)
+              for k, v in fit.params.items()}
+    values.update({s.name: np.stack([ebes[s.name], np.zeros_like(ebes[s.name])]) for s in random_effects})
+    sims = simulate_batched(fit.model, values, grid_pop, key=jax.random.key(0), noise=False)
+    mask = np.asarray(grid_pop.mask)
+    subj, obs = np.nonzero(mask)
+    ipred = pd.DataFrame({"ID": np.asarray(grid_pop.ids, dtype=object)[subj],
+                          "TIME": np.asarray(grid_pop.times)[subj, obs],
+                          "output": np.asarray(grid_pop.outputs, dtype=object)[np.asarray(grid_pop.dvid)[subj, obs]],
+                          "value": sims[0][subj, obs]})
+    out = ipred.rename(columns={"value": "IPRED"})
+    out["PRED"] = sims[1][subj, obs]
     return out.reset_index(drop=True)

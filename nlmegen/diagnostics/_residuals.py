@@ -48,23 +48,35 @@ def _linearisation(fit, pop):
             return parts["f"], parts["var"]
 
         (f, var), (g, _) = _value_and_columns(obs, eta)
-        return f, var, g, objective.prior_precision(theta, pop)
+        mask = objective._trace_parts(theta, eta, pop)["mask"]
+        return f, var, g, mask, objective.prior_precision(theta, pop)
 
     try:
-        f, var, g, precision = (np.asarray(x) for x in pieces(theta, eta, pop))
+        f, var, g, mask, precision = (np.asarray(x) for x in pieces(theta, eta, pop))
     except ModelError as err:
         raise ModelError(f"CWRES and IWRES need Gaussian residuals: {err}") from None
-    return f, var, g, np.linalg.inv(precision), np.asarray(eta)
+    # several observed sites (outputs) come as [subj, obs] blocks side by side: the columns of
+    # ``mask`` pick each real observation once; ``slot`` maps a column back to its observation
+    slot = np.tile(np.arange(np.asarray(pop.dv).shape[1]), f.shape[1] // np.asarray(pop.dv).shape[1])
+    return f, var, g, mask & np.asarray(pop.mask)[:, slot], slot, np.linalg.inv(precision), np.asarray(eta)
 
 
-def _cwres(dv, f, var, g, omega, eta, mask) -> np.ndarray:
+def _cwres(dv, f, var, g, omega, eta, mask, slot) -> np.ndarray:
+    """CWRES ``[subj, obs]``; ``f``, ``var``, ``g``, ``mask`` over the sites' columns (see ``slot``)."""
     out = np.full(dv.shape, np.nan)
     for i in range(dv.shape[0]):
         m = mask[i]
         gi = g[i][m]
         cov = gi @ omega[i] @ gi.T + np.diag(var[i][m])
         mean = f[i][m] - gi @ eta[i]
-        out[i, m] = _inverse_sqrt(cov) @ (dv[i][m] - mean)
+        out[i, slot[m]] = _inverse_sqrt(cov) @ (dv[i][slot[m]] - mean)
+    return out
+
+
+def _iwres(dv, f, var, mask, slot) -> np.ndarray:
+    out = np.full(dv.shape, np.nan)
+    subj, col = np.nonzero(mask)
+    out[subj, slot[col]] = (dv[subj, slot[col]] - f[subj, col]) / np.sqrt(var[subj, col])
     return out
 
 
@@ -112,9 +124,9 @@ def residuals(fit, *, n_sim: int = 1000, key: jax.Array | None = None) -> pd.Dat
     pop = fit.pop
     mask, dv = np.asarray(pop.mask), np.asarray(pop.dv)
     try:
-        f, var, g, omega, eta = _linearisation(fit, pop)
-        iwres = (dv - f) / np.sqrt(var)
-        cwres = _cwres(dv, f, var, g, omega, eta, mask)
+        f, var, g, site_mask, slot, omega, eta = _linearisation(fit, pop)
+        iwres = _iwres(dv, f, var, site_mask, slot)
+        cwres = _cwres(dv, f, var, g, omega, eta, site_mask, slot)
     except ModelError:
         iwres = cwres = np.full(dv.shape, np.nan)
     sims = simulate_arrays(fit.model, fit.params, pop, key=jax.random.key(0) if key is None else key, n=n_sim)

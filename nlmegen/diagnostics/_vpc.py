@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-__all__ = ["VPC", "vpc"]
+__all__ = ["VPC", "time_after_dose", "vpc"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class VPC:
     quantiles: tuple
     ci: float
     pred_corrected: bool
+    x: str = "TIME"
 
     def plot(self, *, log_y: bool = False, axes: Any = None) -> Any:
         """The classic VPC figure: one panel per stratum and output (see `nlmegen.diagnostics.plots`)."""
@@ -40,11 +41,14 @@ class VPC:
 
 
 def _cluster_edges(x: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin edges from 1-D k-means of the observation times (deterministic, started at quantiles)."""
+    """Bin edges from 1-D k-means of the observation times (deterministic, started at quantiles).
+
+    With at most ``n_bins`` distinct times (a nominal sampling schedule) every time is its own bin.
+    """
     values = np.unique(x)
     k = min(n_bins, values.size)
-    centres = np.quantile(x, (np.arange(k) + 0.5) / k)
-    for _ in range(100):
+    centres = values.astype(float) if values.size <= n_bins else np.quantile(x, (np.arange(k) + 0.5) / k)
+    for _ in range(0 if values.size <= n_bins else 100):
         labels = np.argmin(np.abs(x[:, None] - centres[None, :]), axis=1)
         new = np.array([x[labels == j].mean() if np.any(labels == j) else centres[j] for j in range(k)])
         if np.allclose(new, centres):
@@ -78,6 +82,28 @@ def _censored_quantile(values: np.ndarray, limits: np.ndarray, q: float, axis: i
     return np.where(np.isfinite(out) & (out >= lim), out, np.nan)
 
 
+def time_after_dose(pop: Any) -> np.ndarray:
+    """``[subj, obs]`` time after dose (TAD) of every observation, from the subject's dose records.
+
+    TAD is the observation time minus the time of the subject's latest dose record before it (a
+    dose at the same time counts when its record comes first, as in NONMEM); the record time, not
+    the lagged time, as nlmixr2's ``tad``. Observations before a subject's first dose get their
+    (negative or zero) time relative to that first dose; a subject without doses, its time.
+    """
+    times = np.asarray(pop.times, dtype=float)
+    d_times, d_mask = np.asarray(pop.dose_times, dtype=float), np.asarray(pop.dose_mask, dtype=bool)
+    o_index, d_index = np.asarray(pop.obs_index), np.asarray(pop.dose_index)
+    if d_times.shape[-1] == 0:
+        return times.copy()
+    before = d_mask[:, None, :] & ((d_times[:, None, :] < times[:, :, None])
+                                   | ((d_times[:, None, :] == times[:, :, None])
+                                      & (d_index[:, None, :] < o_index[:, :, None])))
+    last = np.max(np.where(before, d_times[:, None, :], -np.inf), axis=-1)
+    first = np.min(np.where(d_mask, d_times, np.inf), axis=-1)[:, None]
+    reference = np.where(np.isfinite(last), last, np.where(np.isfinite(first), first, 0.0))
+    return times - reference
+
+
 def vpc(
     fit: Any,
     pop: Any = None,
@@ -86,6 +112,7 @@ def vpc(
     quantiles: tuple = (0.05, 0.5, 0.95),
     ci: float = 0.9,
     bins: Any = "clusters",
+    x: str = "time",
     stratify: str | None = None,
     pred_corrected: bool = False,
     key: jax.Array | None = None,
@@ -105,7 +132,10 @@ def vpc(
         Simulated replicates; observed percentiles; width of the simulated intervals.
     bins
         ``"clusters"`` (default: 1-D k-means of the observation times, up to 10 bins),
-        ``"equal"`` (equal counts), a number of clusters, or explicit edges.
+        ``"equal"`` (equal counts), a number of clusters, or explicit edges, all on the ``x`` axis.
+    x
+        ``"time"`` (default) or ``"tad"``: time after dose (:func:`time_after_dose`, from each
+        subject's dose records), which pools the dosing intervals of multiple-dose studies.
     stratify
         A constant covariate name: one panel per value. Several outputs always get their own panels.
     pred_corrected
@@ -113,51 +143,63 @@ def vpc(
     key
         PRNG key of the simulations (default ``jax.random.key(0)``).
 
+    For a Bayesian fit (posterior ``draws``) replicate ``k`` is simulated at the population
+    parameters of one posterior draw (``n_sim`` draws evenly spaced over the chains, see
+    `nlmegen.simulate.draw_indices`), so the intervals include parameter uncertainty; pass
+    ``params`` to simulate at fixed values instead.
+
     Returns
     -------
     VPC
-        ``.table``: per stratum, output, bin and quantile: ``x`` (median time), ``n``, ``observed``,
+        ``.table``: per stratum, output, bin and quantile: ``x`` (median time or TAD), ``n``, ``observed``,
         ``sim_lower``, ``sim_median``, ``sim_upper``; ``.blq``: observed and simulated fractions
         below LLOQ; ``.plot()``.
     """
-    from ..simulate import simulate_arrays
+    from ..simulate import _simulate_values, simulate_arrays
 
+    if x not in ("time", "tad"):
+        raise ValueError(f"x must be 'time' or 'tad', not {x!r}")
     model = model if model is not None else fit.model
     pop = pop if pop is not None else fit.pop
-    params = params if params is not None else dict(fit.params)
     if model is None or pop is None:
         raise ValueError("vpc needs a model and a population (a loaded fit holds neither: pass model= and pop=)")
     key = jax.random.key(0) if key is None else key
-    sims = simulate_arrays(model, params, pop, key=key, n=n_sim)
+    if params is None:
+        params = dict(fit.params)
+        sims, _ = _simulate_values(model, fit, pop, key=key, n=n_sim, individual=False, noise=True)
+    else:
+        sims = simulate_arrays(model, params, pop, key=key, n=n_sim)
     pred = _typical_prediction(model, params, pop) if pred_corrected else None
     observed = _observed_frame(pop, stratify, pred)
+    xcol = "TAD" if x == "tad" else "TIME"
     mask = np.asarray(pop.mask)
     sim_values = sims[:, mask]  # [K, n_obs] in the order of `observed`
     rows, blq_rows = [], []
     for (stratum, output), group in observed.groupby(["stratum", "output"], sort=True):
-        edges = _edges(group["TIME"].to_numpy(), bins)
-        group = group.assign(bin=np.clip(np.searchsorted(edges, group["TIME"], side="right") - 1, 0,
+        edges = _edges(group[xcol].to_numpy(), bins)
+        group = group.assign(bin=np.clip(np.searchsorted(edges, group[xcol], side="right") - 1, 0,
                                          len(edges) - 2))
         for b, in_bin in group.groupby("bin"):
             idx = in_bin.index.to_numpy()
             obs_v, sim_v = _values(in_bin, sim_values[:, idx], pred_corrected)
             observed.loc[idx, "DV_plot"] = np.where(np.isfinite(obs_v), obs_v, np.nan)
             limits = in_bin["LIMIT"].to_numpy()
-            x = float(in_bin["TIME"].median())
+            x_mid = float(in_bin[xcol].median())
             for q in quantiles:
                 sim_q = _censored_quantile(np.where(sim_v < limits, -np.inf, sim_v), limits[None], q)
-                rows.append({"stratum": stratum, "output": output, "bin": int(b), "x": x, "n": len(idx),
+                some = np.any(np.isfinite(sim_q))
+                rows.append({"stratum": stratum, "output": output, "bin": int(b), "x": x_mid, "n": len(idx),
                              "quantile": q, "observed": float(_censored_quantile(obs_v, limits, q)),
-                             "sim_lower": np.nanquantile(sim_q, (1 - ci) / 2) if np.any(np.isfinite(sim_q)) else np.nan,
-                             "sim_median": np.nanmedian(sim_q) if np.any(np.isfinite(sim_q)) else np.nan,
-                             "sim_upper": np.nanquantile(sim_q, (1 + ci) / 2) if np.any(np.isfinite(sim_q)) else np.nan})
+                             "sim_lower": np.nanquantile(sim_q, (1 - ci) / 2) if some else np.nan,
+                             "sim_median": np.nanmedian(sim_q) if some else np.nan,
+                             "sim_upper": np.nanquantile(sim_q, (1 + ci) / 2) if some else np.nan})
             if np.any(np.isfinite(limits)):
                 frac = np.mean(sim_v < limits, axis=1)
-                blq_rows.append({"stratum": stratum, "output": output, "bin": int(b), "x": x,
+                blq_rows.append({"stratum": stratum, "output": output, "bin": int(b), "x": x_mid,
                                  "observed": float(np.mean(in_bin["CENS"] == 1)),
                                  "sim_lower": np.quantile(frac, (1 - ci) / 2), "sim_median": np.median(frac),
                                  "sim_upper": np.quantile(frac, (1 + ci) / 2)})
-    return VPC(pd.DataFrame(rows), pd.DataFrame(blq_rows), observed, tuple(quantiles), ci, pred_corrected)
+    return VPC(pd.DataFrame(rows), pd.DataFrame(blq_rows), observed, tuple(quantiles), ci, pred_corrected, xcol)
 
 
 def _typical_prediction(model, params, pop) -> np.ndarray:
@@ -177,6 +219,7 @@ def _observed_frame(pop, stratify, pred) -> pd.DataFrame:
     frame = pd.DataFrame({
         "ID": np.asarray(pop.ids, dtype=object)[subj], "TIME": np.asarray(pop.times)[subj, obs],
         "output": np.asarray(pop.outputs, dtype=object)[np.asarray(pop.dvid)[subj, obs]],
+        "TAD": time_after_dose(pop)[subj, obs],
         "DV": np.asarray(pop.dv)[subj, obs], "CENS": np.asarray(pop.cens)[subj, obs],
         "LIMIT": np.where(np.asarray(pop.cens)[subj, obs] == -1, -np.inf, np.asarray(pop.limit)[subj, obs]),
     })

@@ -22,9 +22,11 @@ def plot_vpc(result, *, log_y: bool = False, axes: Any = None) -> Any:
         axes = np.atleast_2d(np.asarray(axes, dtype=object))
         fig = axes.flat[0].figure
     median_q = min(result.quantiles, key=lambda q: abs(q - 0.5))
+    xcol = getattr(result, "x", "TIME")
+    xlabel = "time after dose" if xcol == "TAD" else "time"
     for ax, ((stratum, output), table) in zip(axes.flat, panels, strict=False):
         obs = result.observed[(result.observed["stratum"] == stratum) & (result.observed["output"] == output)]
-        ax.plot(obs["TIME"], obs["DV_plot"], "o", ms=3, color="0.35", alpha=0.5, label="observed", zorder=1)
+        ax.plot(obs[xcol], obs["DV_plot"], "o", ms=3, color="0.35", alpha=0.5, label="observed", zorder=1)
         for q, rows in table.groupby("quantile"):
             rows = rows.sort_values("x")
             colour = "tab:red" if q == median_q else "tab:blue"
@@ -33,7 +35,7 @@ def plot_vpc(result, *, log_y: bool = False, axes: Any = None) -> Any:
             ax.plot(rows["x"], rows["observed"], "-" if q == median_q else "--", color=colour, lw=1.8,
                     label=f"observed {100 * q:g}th pct")
         title = output if stratum == "all" else f"{output}, {stratum}"
-        ax.set(title=("pcVPC: " if result.pred_corrected else "VPC: ") + str(title), xlabel="time",
+        ax.set(title=("pcVPC: " if result.pred_corrected else "VPC: ") + str(title), xlabel=xlabel,
                ylabel="prediction-corrected DV" if result.pred_corrected else "DV")
         if log_y:
             ax.set_yscale("log")

@@ -167,7 +167,7 @@ def gof(fit, *, log: bool = False, n_sim: int = 500, key: Any = None, table: pd.
 
 
 def plot_individuals(fit, ids: Sequence | None = None, *, n_points: int = 200, ncols: int = 4, log: bool = False,
-                     axes: Any = None):
+                     axes: Any = None, output: str | None = None, curves: pd.DataFrame | None = None):
     """Observations, IPRED and PRED curves of individual subjects, one panel each.
 
     The curves are simulated without residual noise on ``n_points`` times from 0 to each
@@ -188,15 +188,23 @@ def plot_individuals(fit, ids: Sequence | None = None, *, n_points: int = 200, n
         Log concentration axis.
     axes
         Matplotlib axes to draw into (at least one per subject; default: a new figure).
+    output
+        Draw only this output (default: every output, in one panel per subject).
+    curves
+        Precomputed :func:`nlmegen.diagnostics._gof.prediction_curves` of these subjects (saves the
+        simulation when one figure draws several outputs).
 
     Returns
     -------
     matplotlib.figure.Figure
     """
     ids = list(fit.pop.ids[:12]) if ids is None else list(ids)
-    curves = prediction_curves(fit, ids, n_points=n_points)
-    outputs = list(fit.outputs)
-    colours = _colours(outputs)
+    if curves is None:
+        curves = prediction_curves(fit, ids, n_points=n_points)
+    colours = _colours(list(fit.outputs))
+    if output is not None and output not in fit.outputs:
+        raise ValueError(f"output {output!r} is not one of the fit's outputs {list(fit.outputs)}")
+    outputs = list(fit.outputs) if output is None else [output]
     labels = len(outputs) > 1
     ncols = max(1, min(ncols, len(ids)))
     nrows = -(-len(ids) // ncols)
@@ -210,8 +218,8 @@ def plot_individuals(fit, ids: Sequence | None = None, *, n_points: int = 200, n
     for a, sid in zip(ax, ids, strict=False):
         i = position[sid]
         mask = fit.mask[i]
-        for k, out in enumerate(outputs):
-            obs = mask & (fit.dvid[i] == k)
+        for out in outputs:
+            obs = mask & (fit.dvid[i] == list(fit.outputs).index(out))
             part = curves[(curves["ID"] == sid) & (curves["output"] == out)]
             if not obs.any() and part.empty:
                 continue
@@ -224,7 +232,7 @@ def plot_individuals(fit, ids: Sequence | None = None, *, n_points: int = 200, n
                    alpha=0.8, label=f"PRED{suffix}")
         if log:
             a.set_yscale("log")
-        _style(a, f"ID {sid}", "TIME", "DV")
+        _style(a, f"ID {sid}" if output is None else f"ID {sid}: {output}", "TIME", "DV")
     if ids:
         ax[0].legend(fontsize=7, frameon=False)
     return fig

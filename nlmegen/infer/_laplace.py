@@ -317,6 +317,13 @@ def _predict(objective: Objective, theta, eta, pop):
     pred = site_means(objective.density, theta, zero, pop)
     ipred = site_means(objective.density, theta, eta, pop)
     var = objective._trace_parts(theta, eta, pop).get("var") if objective.method != "laplace" else None
+    if var is not None:  # one [subj, obs] block per observed site, concatenated: place each by output
+        blocks = jnp.split(var, len(objective.density.sites.observed), axis=1)
+        merged = jnp.ones(pop.dv.shape)
+        for site, block in zip(objective.density.sites.observed, blocks, strict=True):
+            covered = pop.mask if site.output is None else pop.mask & (pop.dvid == site.output)
+            merged = jnp.where(covered, block, merged)
+        var = merged
     curvature = objective.curvature(theta, eta, pop, objective.frozen_variance(theta, pop))
     return pred, ipred, var, curvature, objective.prior_precision(theta, pop)
 

@@ -366,7 +366,8 @@ class FitResult:
 
         return residuals(self, n_sim=n_sim, key=key)
 
-    def to_arviz(self, n_draws: int = 1000, seed: int = 0, *, log_likelihood: bool = True) -> Any:
+    def to_arviz(self, n_draws: int = 1000, seed: int = 0, *, log_likelihood: bool = True,
+                 posterior_predictive: bool | None = None) -> Any:
         """This result as an ArviZ `xarray.DataTree`; see :func:`nlmegen.io.to_arviz`.
 
         Parameters
@@ -378,10 +379,13 @@ class FitResult:
             Seed of those draws.
         log_likelihood
             Add the pointwise ``log_likelihood`` group (Bayesian fits holding their model and data).
+        posterior_predictive
+            Add the ``posterior_predictive`` group (default: Bayesian fits holding their model and data).
         """
         from ..io._arviz import to_arviz
 
-        return to_arviz(self, n_draws=n_draws, seed=seed, log_likelihood=log_likelihood)
+        return to_arviz(self, n_draws=n_draws, seed=seed, log_likelihood=log_likelihood,
+                        posterior_predictive=posterior_predictive)
 
     def save(self, path: Any, *, overwrite: bool = False) -> None:
         """Write this result to a netCDF file (``model``, ``pop`` and ``transforms`` excepted).

@@ -238,7 +238,8 @@ def _log_likelihood(fit: FitResult, posterior: dict) -> np.ndarray:
     return ll[..., fit.mask]
 
 
-def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likelihood: bool = True) -> Any:
+def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likelihood: bool = True,
+             posterior_predictive: bool | None = None) -> Any:
     """Convert a `FitResult` to an ArviZ `xarray.DataTree`.
 
     Groups:
@@ -259,6 +260,11 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
       after `load`): ``DV``, the log-likelihood of each observation at each draw, dims
       ``(chain, draw, obs)`` (M3 terms for censored records), so ``arviz.loo`` works. Skipped
       with ``log_likelihood=False``.
+    - ``posterior_predictive``: ``DV`` simulated from the model at every posterior draw (its own
+      random effects for each fitted subject, plus residual error), dims ``(chain, draw, obs)``
+      aligned with ``observed_data`` (`nlmegen.simulate.posterior_predictive`). Added by default
+      for Bayesian fits holding their model and data; ``posterior_predictive=True`` adds it for
+      maximum-likelihood fits too (simulated at the asymptotic-normal draws).
     - ``observed_data``: ``DV`` over the real observations (dim ``obs``, subjects in order, padding
       dropped) with coordinates ``ID``, ``TIME`` and ``output``.
     - ``constant_data``: ``ID``, ``TIME``, ``DVID`` (output index) and ``output`` per observation.
@@ -278,6 +284,8 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
         Seed of those draws (NumPy generator).
     log_likelihood
         Compute the ``log_likelihood`` group (Bayesian fits).
+    posterior_predictive
+        Compute the ``posterior_predictive`` group (default: for Bayesian fits).
 
     Returns
     -------
@@ -302,6 +310,14 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
     obs_coords = {k: ("obs", obs[k]) for k in ("ID", "TIME", "output")}
     dt["observed_data"] = dt["observed_data"].to_dataset().assign_coords(obs_coords)
     dt["point_estimate"] = _point_dataset(fit, obs, coords).assign_coords(obs_coords)
+    if posterior_predictive is None:
+        posterior_predictive = kind == "draws"
+    if posterior_predictive and fit.model is not None and fit.pop is not None:
+        import jax
+
+        from ..simulate import posterior_predictive as _simulate_predictive
+
+        dt["posterior_predictive"] = _simulate_predictive(fit, key=jax.random.key(seed), draws=posterior)
     return dt
 
 

@@ -90,3 +90,46 @@ def test_bad_arguments(study):
         nlmegen.vpc(None, study, model=nlmegen.examples.theo_model, params=TRUTH, n_sim=5, stratify="HT")
     with pytest.raises(ValueError, match="bins"):
         nlmegen.vpc(None, study, model=nlmegen.examples.theo_model, params=TRUTH, n_sim=5, bins="weird")
+
+
+def _pandas_tad(table):
+    """Reference TAD: time minus the latest dose record seen so far in the subject's record order."""
+    dose_time = table["TIME"].where(table["EVID"] != 0).groupby(table["ID"]).ffill()
+    first = table["TIME"].where(table["EVID"] != 0).groupby(table["ID"]).transform("min")
+    return (table["TIME"] - dose_time.fillna(first))[table["EVID"] == 0].to_numpy()
+
+
+def test_time_after_dose_matches_the_dose_records():
+    table = nlmegen.datasets.load("theo_md")
+    pop = nlmegen.read_nonmem(table)
+    tad = nlmegen.diagnostics.time_after_dose(pop)[np.asarray(pop.mask)]
+    np.testing.assert_allclose(tad, _pandas_tad(table))
+    assert tad.max() < 25.0 and np.asarray(pop.times)[np.asarray(pop.mask)].max() > 100.0
+
+
+def test_tad_binning(key):
+    pop = nlmegen.read_nonmem(nlmegen.datasets.load("theo_md"))
+    edges = [0.0, 1.0, 3.0, 8.0, 13.0, 25.0]
+    params = {"tka": 0.45, "tcl": 1.0, "tv": 3.45, "omega": np.array([0.6, 0.3, 0.1]), "add_sd": 0.7}
+    result = nlmegen.vpc(None, pop, model=nlmegen.examples.theo_model, params=params, n_sim=30, bins=edges,
+                         x="tad", key=key)
+    obs = result.observed
+    assert result.x == "TAD" and obs["TAD"].max() < 25.0
+    bins = np.clip(np.searchsorted(edges, obs["TAD"], side="right") - 1, 0, len(edges) - 2)
+    for (b, q), row in result.table.set_index(["bin", "quantile"]).iterrows():
+        assert row["observed"] == pytest.approx(obs.loc[bins == b, "DV"].quantile(q), rel=1e-12), (b, q)
+        assert row["x"] == pytest.approx(obs.loc[bins == b, "TAD"].median())
+    fig = result.plot()
+    assert fig.axes[0].get_xlabel() == "time after dose"
+    with pytest.raises(ValueError, match="'time' or 'tad'"):
+        nlmegen.vpc(None, pop, model=nlmegen.examples.theo_model, params=params, n_sim=2, x="dose")
+
+
+def test_nominal_times_get_one_bin_each():
+    from nlmegen.diagnostics._vpc import _cluster_edges
+
+    times = np.repeat([0.0, 24.0, 36.0, 48.0, 72.0, 96.0, 120.0, 144.0], [30, 30, 30, 30, 30, 30, 25, 10])
+    edges = _cluster_edges(times, 10)
+    bins = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, len(edges) - 2)
+    assert len(edges) == 9 and len(np.unique(bins)) == 8
+    assert all(len(np.unique(times[bins == b])) == 1 for b in np.unique(bins))
