@@ -97,6 +97,12 @@ def test_pointwise_log_likelihood_and_loo(theo_nuts, theo):
     assert float(ll[c, d, i]) == pytest.approx(expected, rel=1e-10)
     loo = az.loo(tree)
     assert np.isfinite(loo.elpd) and loo.elpd < 0
+    pp = tree["posterior_predictive"]["DV"]
+    assert dict(pp.sizes) == dict(ll.sizes)
+    np.testing.assert_array_equal(pp.coords["TIME"].values, tree["observed_data"]["DV"].coords["TIME"].values)
+    # replicated data scatter around the observations with about the residual SD
+    resid = np.asarray(pp.mean(("chain", "draw"))) - np.asarray(tree["observed_data"]["DV"])
+    assert np.sqrt(np.mean(resid**2)) < 1.0
 
 
 def test_summary_is_the_posterior_table(theo_nuts):
