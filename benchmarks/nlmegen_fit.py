@@ -56,8 +56,10 @@ def main() -> None:
     elif args.method == "nuts":
         settings = {"progress": False, "num_warmup": args.warmup, "num_samples": args.samples,
                     "num_chains": args.chains}
-    else:
-        settings = {"progress": False}
+    else:  # SAEM: estimates and the importance-sampling -2LL, as pynlme's nlmefitsa(LogLikMethod="is")
+        settings = {"progress": False, "covariance": "none", "focei": False}
+        if args.model == "idr":  # 14 parameters through an ODE: Fisher-information M-step (no exact Hessian)
+            settings["hessian"] = "fisher"
     key = jax.random.key(0)
 
     start = time.perf_counter()
