@@ -289,18 +289,21 @@ def main() -> None:
             print("case 1: theo_sd", flush=True)
             results["cases"]["theo_sd"] = case_theo(_design.theo_sd(), 12, repeats, cache, saem=False,
                                                     pynlme_foce=not quick)
+            _write(results, Path(args.out), quick)
         if "theo_N" in wanted:
             rows = []
             for n in sizes:
                 print(f"case 2: Theoph design, {n} subjects", flush=True)
                 rows += case_theo(_design.theo_design(n), n, repeats if n < 10000 else 1, cache, saem=saem)
             results["cases"]["theo_N"] = rows
+            _write(results, Path(args.out), quick)
         if "idr" in wanted:
             rows = []
             for n in ((20,) if quick else (60, 1000)):
                 print(f"case 3: IDR ODE, {n} subjects", flush=True)
                 rows += case_idr(n, 1 if n > 60 or quick else 3, cache)
             results["cases"]["idr"] = rows
+            _write(results, Path(args.out), quick)
         if "nuts" in wanted:
             print("case 4: NUTS on theo_sd", flush=True)
             results["cases"]["nuts"] = case_nuts(*((300, 300, 2) if quick else (500, 500, 4)), cache)
@@ -309,14 +312,19 @@ def main() -> None:
     results["total_s"] = time.perf_counter() - t0
     md = table(results)
     print(md)
-    out = Path(args.out)
+    out = _write(results, Path(args.out), quick)
+    print(f"wrote {out} ({results['total_s']:.0f} s)")
+
+
+def _write(results: dict, out: Path, quick: bool) -> Path:
+    """The run's JSON (timestamped and ``latest``) and markdown table; called after every case."""
     out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+    stamp = results["started"].replace(":", "").replace("-", "")[:15]
     text = json.dumps(results, indent=1, default=str)
     (out / f"benchmarks-{stamp}{'-quick' if quick else ''}.json").write_text(text)
     (out / ("latest-quick.json" if quick else "latest.json")).write_text(text)
-    (out / ("latest-quick.md" if quick else "latest.md")).write_text(md + "\n")
-    print(f"wrote {out} ({results['total_s']:.0f} s)")
+    (out / ("latest-quick.md" if quick else "latest.md")).write_text(table(results) + "\n")
+    return out
 
 
 if __name__ == "__main__":

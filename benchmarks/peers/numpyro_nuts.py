@@ -27,7 +27,7 @@ from numpyro.infer import MCMC, NUTS  # noqa: E402
 def padded(path: str):
     table = pd.read_csv(path)
     obs = table[table["EVID"] == 0]
-    doses = table[table["EVID"] == 1].groupby("ID")["AMT"].first()
+    doses = table[table["AMT"] > 0].groupby("ID")["AMT"].first()
     ids = sorted(obs["ID"].unique())
     n_obs = obs.groupby("ID").size().max()
     t = np.zeros((len(ids), n_obs))
