@@ -23,11 +23,11 @@ import numpy as np
 import scipy.optimize
 from tqdm.auto import tqdm
 
-from .._errors import DataError, ModelError
+from .._errors import DataError
 from ..model import Density, discover
 from ._covariance import covariance_step
 from ._objective import LOG_2PI, Objective
-from ._start import initial_values, theta_labels
+from ._start import starting_point
 
 __all__ = ["FO", "FOCE", "FOCEI", "Laplace"]
 
@@ -127,17 +127,7 @@ class _Problem:
     def build(cls, backend, model, pop, init, fixed):
         check_population(pop)
         sites = discover(model, pop)
-        density = Density(model, sites)
-        values, fixed_names = initial_values(model, pop, sites, init, fixed)
-        theta0 = np.asarray(density.theta_space.unconstrain(values), dtype=float)
-        labels = theta_labels(density.theta_space)
-        bad = [labels[i] for i in np.flatnonzero(~np.isfinite(theta0))]
-        if bad:
-            raise ModelError(f"initial value of {bad} is outside its site's support")
-        free = np.ones(theta0.size, bool)
-        for block in density.theta_space.blocks:
-            if block.site.name in fixed_names:
-                free[block.start:block.stop] = False
+        density, _, fixed_names, theta0, labels, free = starting_point(model, pop, sites, init, fixed)
         return cls(backend, model, pop, density, theta0, free, labels, fixed_names)
 
     # ------------------------------------------------------------------ compiled pieces

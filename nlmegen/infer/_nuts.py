@@ -30,11 +30,10 @@ from numpyro.infer import NUTS as _NumPyroNUTS
 from numpyro.infer.initialization import init_to_median, init_to_sample, init_to_value
 from numpyro.infer.reparam import LocScaleReparam
 
-from .._errors import ModelError
 from ..model import discover
 from ._laplace import check_population
 from ._result import FitResult
-from ._start import _as_value, _check_names
+from ._start import bayesian_inputs
 
 __all__ = ["NUTS"]
 
@@ -109,18 +108,8 @@ class NUTS:
             raise ValueError("NUTS needs key=jax.random.key(...)")
         check_population(pop)
         sites = discover(model, pop)
-        population = [s.name for s in sites.population]
         random = [s.name for s in sites.random_effects]
-        init, fixed = dict(init or {}), dict(fixed or {})
-        _check_names("init", init, population, random)
-        _check_names("fixed", fixed, population, random)
-        params_sites = [s.name for s in sites.population if s.kind == "param" and s.name not in fixed]
-        if params_sites:
-            raise ModelError(f"NUTS samples sites with priors; {params_sites} are numpyro.param sites (no prior): "
-                             "give them a prior with numpyro.sample, or hold them with fixed={...}")
-        shapes = {s.name: s.shape for s in sites.population}
-        fixed = {k: _as_value(k, v, shapes[k]) for k, v in fixed.items()}
-        init = {k: _as_value(k, v, shapes[k]) for k, v in init.items() if k not in fixed}
+        init, fixed = bayesian_inputs("NUTS", "samples sites with priors", sites, init, fixed)
 
         sampled = model
         held_params = {k: v for k, v in fixed.items() if _is_param(sites, k)}

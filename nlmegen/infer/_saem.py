@@ -67,11 +67,11 @@ from tqdm.auto import tqdm
 
 from .._errors import ModelError
 from ..dynamics.ode import forward_mode
-from ..model import Density, discover
+from ..model import discover
 from ._laplace import check_population
 from ._result import _positive_valued
 from ._saem_kernels import KERNELS, TARGET_ACCEPT, EState, adapt, hmc_step, nuts_step, rwm_step
-from ._start import initial_values, theta_labels
+from ._start import starting_point, theta_labels
 
 __all__ = ["SAEM"]
 
@@ -256,17 +256,7 @@ class _SAEMProblem:
         if sites.n_eta == 0:
             raise ModelError("SAEM needs random effects (sample sites inside the subject plate); this model has "
                              "none: use method='focei'")
-        density = Density(model, sites)
-        values, fixed_names = initial_values(model, pop, sites, init, fixed)
-        theta0 = np.asarray(density.theta_space.unconstrain(values), dtype=float)
-        labels = theta_labels(density.theta_space)
-        bad = [labels[i] for i in np.flatnonzero(~np.isfinite(theta0))]
-        if bad:
-            raise ModelError(f"initial value of {bad} is outside its site's support")
-        free = np.ones(theta0.size, bool)
-        for block in density.theta_space.blocks:
-            if block.site.name in fixed_names:
-                free[block.start:block.stop] = False
+        density, values, fixed_names, theta0, _, free = starting_point(model, pop, sites, init, fixed)
         problem = cls(backend, model, pop, density, theta0, free, fixed_names, values)
         problem.centre = problem.find_mu_reference()
         problem.variance_like = problem.find_variances()

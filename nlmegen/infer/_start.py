@@ -67,3 +67,50 @@ def theta_labels(space) -> list[str]:
         else:
             labels.extend(f"{block.site.name}[{i}]" for i in range(size))
     return labels
+
+
+def starting_point(model, pop, sites, init: Mapping | None, fixed: Mapping | None):
+    """The density, start values and free mask shared by the maximum-likelihood backends.
+
+    Returns ``(density, values, fixed_names, theta0, labels, free)``: ``theta0`` the flat
+    unconstrained start, ``free`` False on the elements of fixed sites. Raises `ModelError` naming
+    any start value outside its site's support.
+    """
+    import numpy as np
+
+    from ..model import Density
+
+    density = Density(model, sites)
+    values, fixed_names = initial_values(model, pop, sites, init, fixed)
+    theta0 = np.asarray(density.theta_space.unconstrain(values), dtype=float)
+    labels = theta_labels(density.theta_space)
+    bad = [labels[i] for i in np.flatnonzero(~np.isfinite(theta0))]
+    if bad:
+        raise ModelError(f"initial value of {bad} is outside its site's support")
+    free = np.ones(theta0.size, bool)
+    for block in density.theta_space.blocks:
+        if block.site.name in fixed_names:
+            free[block.start:block.stop] = False
+    return density, values, fixed_names, theta0, labels, free
+
+
+def bayesian_inputs(name: str, uses_priors: str, sites, init: Mapping | None, fixed: Mapping | None):
+    """Checked ``(init, fixed)`` for a Bayesian backend (NUTS, SVI), values on the sites' shapes.
+
+    ``name`` and ``uses_priors`` (e.g. ``"samples sites with priors"``) word the errors: unknown
+    or random-effect sites in ``init``/``fixed``, and ``numpyro.param`` sites (which have no
+    prior) that are not held fixed.
+    """
+    population = [s.name for s in sites.population]
+    random = [s.name for s in sites.random_effects]
+    init, fixed = dict(init or {}), dict(fixed or {})
+    _check_names("init", init, population, random)
+    _check_names("fixed", fixed, population, random)
+    params_sites = [s.name for s in sites.population if s.kind == "param" and s.name not in fixed]
+    if params_sites:
+        raise ModelError(f"{name} {uses_priors}; {params_sites} are numpyro.param sites (no prior): give them a "
+                         "prior with numpyro.sample, or hold them with fixed={...}")
+    shapes = {s.name: s.shape for s in sites.population}
+    fixed = {k: _as_value(k, v, shapes[k]) for k, v in fixed.items()}
+    init = {k: _as_value(k, v, shapes[k]) for k, v in init.items() if k not in fixed}
+    return init, fixed

@@ -50,7 +50,7 @@ from ._encoder import EncoderGuide, encoder_config, encoder_forward
 from ._laplace import check_population
 from ._nuts import _init_strategy, _is_param, _normal_random_effects
 from ._result import FitResult
-from ._start import _as_value, _check_names
+from ._start import bayesian_inputs
 from ._svi_flows import LocatedBNAF, LocatedIAF
 
 __all__ = ["SVI", "Encoding", "TrainedGuide", "encode", "svi_guide"]
@@ -225,18 +225,8 @@ class SVI:
         check_population(pop)
         kind = _guide_name(self.guide)
         sites = discover(model, pop)
-        population = [s.name for s in sites.population]
         random = [s.name for s in sites.random_effects]
-        init, fixed = dict(init or {}), dict(fixed or {})
-        _check_names("init", init, population, random)
-        _check_names("fixed", fixed, population, random)
-        params_sites = [s.name for s in sites.population if s.kind == "param" and s.name not in fixed]
-        if params_sites:
-            raise ModelError(f"SVI fits a guide to sites with priors; {params_sites} are numpyro.param sites (no "
-                             "prior): give them a prior with numpyro.sample, or hold them with fixed={...}")
-        shapes = {s.name: s.shape for s in sites.population}
-        fixed = {k: _as_value(k, v, shapes[k]) for k, v in fixed.items()}
-        init = {k: _as_value(k, v, shapes[k]) for k, v in init.items() if k not in fixed}
+        init, fixed = bayesian_inputs("SVI", "fits a guide to sites with priors", sites, init, fixed)
         target, reparam_sites = self._target(model, pop, sites, fixed, random, kind)
         k_guide, k_init, k_run, k_draw = jax.random.split(key, 4)
         guide = self._make_guide(target, pop, sites, init, random, k_guide)
@@ -245,7 +235,7 @@ class SVI:
         state, losses, compile_s, run_s = self._optimise(svi, pop, k_init, k_run)
         params = svi.get_params(state)
         trained = TrainedGuide(kind=kind, guide=guide, params=params, model=target, sites=sites,
-                               free=tuple(n for n in population if n not in fixed))
+                               free=tuple(s.name for s in sites.population if s.name not in fixed))
         start = time.perf_counter()
         samples, log_w = trained.sample(k_draw, pop, self.num_draws)
         timings = {"compile_s": compile_s, "run_s": run_s, "draws_s": time.perf_counter() - start}
