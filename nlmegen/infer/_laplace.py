@@ -20,11 +20,11 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 from tqdm.auto import tqdm
 
 from .._errors import DataError
 from ..model import Density, discover
+from ._bfgs import bfgs, bhhh_inverse
 from ._covariance import covariance_step
 from ._objective import LOG_2PI, Objective
 from ._start import starting_point
@@ -40,8 +40,9 @@ class Laplace:
     ----------
     maxiter
         Outer (BFGS) iterations.
-    gtol
-        Outer convergence: largest ``|d OFV / d theta|`` (unconstrained scale).
+    gtol, ftol
+        Outer convergence (BFGS, see `_bfgs`): largest ``|d OFV / d theta|`` (unconstrained scale)
+        at most ``gtol``, or the predicted further decrease of the OFV at most ``ftol``.
     ebe_max_iter, ebe_gtol
         Inner Newton iterations and tolerance on ``max |d l_i / d eta|``.
     covariance
@@ -62,6 +63,7 @@ class Laplace:
     method: ClassVar[str] = "laplace"
     maxiter: int = 1000
     gtol: float = 1e-5
+    ftol: float = 1e-6
     ebe_max_iter: int = 100
     ebe_gtol: float = 1e-8
     covariance: str = "sandwich"
@@ -148,14 +150,16 @@ class _Problem:
 
     def evaluate(self, theta_free: np.ndarray):
         args = (jnp.asarray(theta_free), jnp.asarray(self.theta0))
-        ofv, grad, eta, ebe, ofv_i = self.fns["value_and_grad"](*args, self.eta, self.pop)
+        ofv, grad, eta, ebe, ofv_i, grad_i, eta_jac = self.fns["value_and_grad"](*args, self.eta, self.pop)
         failed = ~np.asarray(ebe.converged)
         if failed.any():  # fallback: the subjects that failed from the warm start restart from eta = 0
             restart = jnp.where(jnp.asarray(failed)[:, None], 0.0, self.eta)
             retry = self.fns["value_and_grad"](*args, restart, self.pop)
             if np.sum(~np.asarray(retry[3].converged)) < failed.sum() or not np.isfinite(float(ofv)):
-                ofv, grad, eta, ebe, ofv_i = retry
+                ofv, grad, eta, ebe, ofv_i, grad_i, eta_jac = retry
         ofv, grad = float(ofv), np.asarray(grad)
+        self.subject_gradients, self.eta_jacobian = grad_i, eta_jac
+        self.last_x = np.array(theta_free, dtype=float)
         if np.isfinite(ofv) and np.all(np.isfinite(np.asarray(eta))):
             self.eta = eta  # warm start of the next EBE search
         else:  # remember who made the objective non-finite, for the status message
@@ -169,20 +173,25 @@ class _Problem:
         start = time.perf_counter()
         x0 = self.theta0[self.free]
         count = {"n": 0}
-        last = {}
+
+        accepted = {}
 
         def fun(x):
+            # every trial starts its EBE search from the modes of the last accepted point, moved to
+            # first order (d eta*/d theta, from the implicit function theorem): a rejected trial far
+            # away may leave subjects at poor local modes that nearby points would inherit
+            if accepted:
+                self.eta = accepted["eta"] + jnp.einsum("sdp,p->sd", accepted["jac"], x - accepted["x"])
             ofv, grad, ebe = self.evaluate(x)
             count["n"] += 1
-            last.update(x=x.copy(), ofv=ofv, grad=grad, ebe=ebe)
-            if not np.isfinite(ofv) or not np.all(np.isfinite(grad)):
-                return np.inf, np.zeros_like(x)
-            return ofv, grad
+            return ofv, grad, (ebe, self.eta)
 
-        def callback(xk, *args):
-            it = len(self.history) + 1
-            record = {"iteration": it, "ofv": last.get("ofv", np.nan),
-                      "grad_norm": float(np.max(np.abs(last.get("grad", np.nan)))) if x0.size else 0.0}
+        def remember(x):  # the accepted point is the one evaluated last
+            accepted.update(eta=self.eta, jac=self.eta_jacobian, x=np.array(x, dtype=float))
+
+        def callback(it, xk, ofv, grad):
+            remember(xk)
+            record = {"iteration": it, "ofv": ofv, "grad_norm": float(np.max(np.abs(grad)))}
             record.update(dict(zip(self.free_labels, xk, strict=True)))
             self.history.append(record)
             bar.update(1)
@@ -192,19 +201,17 @@ class _Problem:
                           f"max|grad| {record['grad_norm']:.3g}")
 
         bar = tqdm(desc=f"{self.backend.method} fit", unit="it", disable=not self.backend.progress, leave=False)
+        first = fun(x0)
+        remember(x0)
         if x0.size:
-            res = scipy.optimize.minimize(fun, x0, jac=True, method="BFGS", callback=callback,
-                                          options={"gtol": self.backend.gtol, "maxiter": self.backend.maxiter})
-            x_hat, message, success = res.x, str(res.message), bool(res.success)
-            # BFGS often stops with "precision loss" at the optimum: accept when the predicted
-            # decrease of the objective from a quasi-Newton step, g' H^-1 g / 2, is negligible
-            decrease = 0.5 * float(res.jac @ res.hess_inv @ res.jac) if np.all(np.isfinite(res.jac)) else np.inf
-            success = success or (res.status == 2 and decrease < 1e-5)
-            message += f"; predicted further OFV decrease {decrease:.2g}"
+            res = bfgs(fun, x0, first, bhhh_inverse(np.asarray(self.subject_gradients)), gtol=self.backend.gtol,
+                       ftol=self.backend.ftol, maxiter=self.backend.maxiter, callback=callback)
+            x_hat, message, success = res.x, res.message, res.success
+            ofv, grad, (ebe, self.eta) = res.fun, res.jac, res.aux  # the EBEs at x_hat (warm start, result)
         else:
             x_hat, message, success = x0, "no free parameters: objective evaluated", True
+            ofv, grad, (ebe, _) = first
         bar.close()
-        ofv, grad, ebe = self.evaluate(x_hat)
         run_s = time.perf_counter() - start
         return self.finish(x_hat, ofv, grad, ebe, message, success, compile_s, run_s, count["n"])
 
@@ -235,14 +242,16 @@ class _Problem:
                               self.backend.covariance if status != "failed" else "none")
         self.warnings.extend(cov.warnings)
         covariance_s = time.perf_counter() - start
-        ofv, grad, ebe = self.evaluate(x_hat)  # the EBEs at the estimate again
+        if not np.array_equal(self.last_x, x_hat):  # the covariance step moved the EBEs: back to the estimate
+            ofv, grad, ebe = self.evaluate(x_hat)
         return build_result(self, x_hat, ofv, ebe, status, message, cov,
                             {"compile_s": compile_s, "run_s": run_s, "covariance_s": covariance_s,
                              "n_evaluations": float(n_eval)})
 
     def subject_grads(self, x: np.ndarray) -> np.ndarray:
-        self.evaluate(x)  # the EBEs at x (the covariance step moves them when it differentiates R)
-        return np.asarray(self.fns["subject_jacobian"](jnp.asarray(x), jnp.asarray(self.theta0), self.eta, self.pop))
+        """Each subject's OFV gradient at ``x``, at the EBEs there (the covariance step moves them)."""
+        self.evaluate(x)
+        return np.asarray(self.subject_gradients)
 
 
 _CACHE: dict = {}  # compiled functions by (model, settings, free set, data structure)
@@ -263,37 +272,34 @@ def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, e
 
     def subject_ofv(theta_free, theta_all, eta0, pop, search=True):
         theta = full(theta_free, theta_all)
-        if objective.method == "fo":
+        if objective.method == "fo":  # the EBEs are reported only: no derivative through them
             ebe = objective.ebe(jax.lax.stop_gradient(theta), eta0, pop) if search else None
-            return objective.subject_ofv(theta, eta0 if ebe is None else ebe.eta, pop), ebe
+            eta = jax.lax.stop_gradient(eta0 if ebe is None else ebe.eta)
+            return objective.subject_ofv(theta, eta, pop), ebe, eta
         eta, ebe = objective.ebe_implicit(theta, eta0, pop, search=search)
         ofv_i = objective.subject_ofv(theta, eta, pop)
         if use_map:
             ofv_i = ofv_i - 2.0 * objective.density.log_prior(theta, pop, jacobian=False) / pop.n_subjects
-        return ofv_i, ebe
-
-    def total(theta_free, theta_all, eta0, pop):
-        ofv_i, ebe = subject_ofv(theta_free, theta_all, eta0, pop)
-        return jnp.sum(ofv_i), (ebe, ofv_i)
+        return ofv_i, ebe, eta
 
     def value_and_grad(theta_free, theta_all, eta0, pop):
         # forward mode: one tangent per free parameter; the primal (and the EBE search, which does
-        # not depend on the tangents) is computed once under vmap
+        # not depend on the tangents) is computed once under vmap. The tangents of the per-subject
+        # OFVs are each subject's gradient, kept for BFGS's starting Hessian (BHHH)
         def fn(t):
-            return total(t, theta_all, eta0, pop)
+            ofv_i, ebe, eta = subject_ofv(t, theta_all, eta0, pop)
+            return (ofv_i, eta), ebe
 
         basis = jnp.eye(theta_free.size, dtype=theta_free.dtype)
-        ofv, grad, (ebe, ofv_i) = jax.vmap(lambda v: jax.jvp(fn, (theta_free,), (v,), has_aux=True),
-                                           out_axes=(None, 0, None))(basis)
-        return ofv, grad, ebe.eta, ebe, ofv_i
-
-    def subject_jacobian(theta_free, theta_all, eta_hat, pop):  # at converged EBEs: no new search
-        return jax.jacfwd(lambda t: subject_ofv(t, theta_all, eta_hat, pop, search=False)[0])(theta_free)
+        (ofv_i, _), (grad_i, eta_jac), ebe = jax.vmap(
+            lambda v: jax.jvp(fn, (theta_free,), (v,), has_aux=True), out_axes=(None, (1, 2), None))(basis)
+        # eta_jac [subj, n_eta, p] = d eta* / d theta: the first-order prediction of the EBEs at the
+        # next trial point (a warm start a few Newton iterations closer)
+        return jnp.sum(ofv_i), jnp.sum(grad_i, axis=0), ebe.eta, ebe, ofv_i, grad_i, eta_jac
 
     args = (jnp.asarray(theta0)[free_idx], jnp.asarray(theta0), eta, pop)
     store["value_and_grad"] = jax.jit(value_and_grad).lower(*args).compile()
     # compiled on first use: the covariance step and predictions are not always needed
-    store["subject_jacobian"] = jax.jit(subject_jacobian)
     store["predict"] = jax.jit(functools.partial(_predict, objective))
     return store
 

@@ -433,6 +433,29 @@ def test_gradient_at_ka_equal_k():
     _check_gradient(one_cmt, pop, params, ["cl", "v", "ka"])
 
 
+@pytest.mark.parametrize("model", list(MODELS))
+def test_bolus_only_fast_path_equals_general_path(model):
+    """A population without infusions or steady state takes the two-exponential bolus path; its values
+    and gradients equal the general dose-operator path, at, near and far from ka == an eigenvalue."""
+    import dataclasses
+
+    fn, base = MODELS[model]
+    recs = [dose(0, 100), obs(0.0), obs(0.5), obs(2), dose(6, 50), obs(6), obs(7), obs(30)]
+    k = 2.0 / 15.0  # the one-compartment eigenvalue
+    kas = np.array([1.0, 1 + 1e-10, 1 + 1e-4, 1 + 3e-3, 1.5, 0.2, 12.0]) * k
+    general = make_pop([recs] * len(kas))
+    bolus = dataclasses.replace(general, features=frozenset())
+    def conc(pop, ka):
+        return jnp.where(pop.mask, fn(pop, ka=ka, lag={1: 0.25}, f={1: 0.8}, **base), 0.0)
+
+    got, want = conc(bolus, jnp.asarray(kas)), conc(general, jnp.asarray(kas))
+    np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
+    grad = jax.grad(lambda pop, ka: jnp.sum(conc(pop, ka)), argnums=1)
+    g_fast, g_general = grad(bolus, jnp.asarray(kas)), grad(general, jnp.asarray(kas))
+    assert np.all(np.isfinite(g_fast))
+    np.testing.assert_allclose(g_fast, g_general, rtol=1e-7, atol=1e-10)
+
+
 # ----------------------------------------------------------------------------------- transforms
 def test_jit_vmap_and_padding():
     recs = [ORAL[0][1], ORAL[1][1], ORAL[3][1][:4]]

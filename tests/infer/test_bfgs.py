@@ -1,0 +1,71 @@
+"""The outer optimiser of the conditional methods (`nlmegen.infer._bfgs`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nlmegen.infer._bfgs import bfgs, bhhh_inverse
+
+
+def _quadratic(a: np.ndarray, b: np.ndarray):
+    def fun(x):
+        return 0.5 * x @ a @ x - b @ x, a @ x - b, None
+
+    return fun
+
+
+def test_exact_starting_inverse_hessian_converges_in_one_step():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(5, 5))
+    a, b = m @ m.T + np.eye(5), rng.normal(size=5) * 0.1
+    fun, x0 = _quadratic(a, b), np.zeros(5)
+    res = bfgs(fun, x0, fun(x0), np.linalg.inv(a), ftol=1e-12)
+    assert res.success and res.nit == 1
+    np.testing.assert_allclose(res.x, np.linalg.solve(a, b), rtol=1e-10)
+
+
+def test_rosenbrock_from_the_identity():
+    def fun(x):
+        f = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+        g = np.array([-2 * (1 - x[0]) - 400 * x[0] * (x[1] - x[0] ** 2), 200 * (x[1] - x[0] ** 2)])
+        return f, g, None
+
+    x0 = np.array([-1.2, 1.0])
+    res = bfgs(fun, x0, fun(x0), np.eye(2), gtol=1e-8, ftol=1e-14)
+    assert res.success, res.message
+    np.testing.assert_allclose(res.x, [1.0, 1.0], atol=1e-5)
+
+
+def test_non_finite_trial_points_are_stepped_back_from():
+    """A trial where the objective is not finite (e.g. an ODE that fails) shortens the step."""
+
+    def fun(x):
+        if x[0] > 0.5:
+            return np.inf, np.full(1, np.nan), None
+        return float((x[0] - 0.4) ** 2), np.array([2 * (x[0] - 0.4)]), "aux"
+
+    x0 = np.array([-2.0])
+    res = bfgs(fun, x0, fun(x0), np.eye(1) * 10.0, max_step=5.0)
+    assert res.success and abs(res.x[0] - 0.4) < 1e-3 and res.aux == "aux"
+
+
+def test_failure_is_reported_not_hidden():
+    """A gradient that points the wrong way: no decrease is found and the result says so."""
+
+    def fun(x):
+        return float(x @ x), -2 * x, None
+
+    x0 = np.array([1.0, 2.0])
+    res = bfgs(fun, x0, fun(x0), np.eye(2))
+    assert not res.success and "line search failed" in res.message
+
+
+def test_bhhh_inverse_is_symmetric_positive_definite_even_when_rank_deficient():
+    rng = np.random.default_rng(1)
+    g = rng.normal(size=(2, 4))  # fewer subjects than parameters
+    h = bhhh_inverse(g)
+    np.testing.assert_array_equal(h, h.T)
+    assert np.all(np.linalg.eigvalsh(h) > 0)
+    full = rng.normal(size=(50, 3))
+    np.testing.assert_allclose(bhhh_inverse(full), np.linalg.inv(0.5 * full.T @ full), rtol=1e-10)
+    np.testing.assert_array_equal(bhhh_inverse(np.full((3, 2), np.nan)), np.eye(2))
