@@ -5,7 +5,8 @@ errors in ODE solutions and objective values). Set the environment variable ``NL
 before importing to leave JAX's setting alone.
 
 It also turns on JAX's persistent compilation cache, so that a second Python process fitting the
-same model loads its compiled code instead of compiling it again. The cache lives in
+same model loads its compiled code instead of compiling it again (every program is kept, however
+quick to compile). The cache lives in
 ``$NLMEGEN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/nlmegen/jax``, i.e. ``~/.cache/nlmegen/jax``);
 ``NLMEGEN_CACHE_DIR=0`` (or ``off``) disables it, and a directory already set through
 ``jax.config.update("jax_compilation_cache_dir", ...)`` before the import is left alone.
@@ -32,7 +33,10 @@ def _enable_compilation_cache() -> None:
     except OSError:  # read-only home: run without the cache rather than fail on import
         return
     _jax.config.update("jax_compilation_cache_dir", setting)
-    _jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # every compilation is kept, the small ones too: a fit's start values, result tables and
+    # standard errors run ~100 small programs (10-30 ms each to compile); loading them from the cache
+    # cut a second process's theo_sd fit from 8.8 s to 6.7 s end to end (about 1 MB on disk)
+    _jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 _enable_compilation_cache()
