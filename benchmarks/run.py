@@ -10,8 +10,10 @@ Cases (names for ``--only``):
 - ``theo_N``: simulated Theoph-design populations (``benchmarks/_design.py``) at 100, 1,000 and
   10,000 subjects (``--quick``: 100 and 1,000): nlmegen FOCEI and SAEM vs R nlme (Lindstrom-Bates
   FOCE, ML) and pynlme (``nlmefit`` LME, ``nlmefitsa`` SAEM).
-- ``idr``: the seeds' indirect-response ODE model at 60 and 1,000 subjects (``--quick``: 20):
-  nlmegen FOCEI and SAEM (no peer on this machine: absolute figures and cost per subject).
+- ``idr``: the seeds' indirect-response ODE model at 60 and 1,000 subjects (``--quick``: 4, a timing probe only):
+  nlmegen FOCEI and SAEM (no peer on this machine: absolute figures and cost per subject), one
+  process each; a size whose projected fit time exceeds 30 minutes is reported as not run, with
+  the projection.
 - ``nuts``: NUTS on theo_sd, nlmegen vs the hand-written NumPyro model
   (``benchmarks/peers/numpyro_nuts.py``): ESS per second.
 - Memory: the peak resident memory of each nlmegen process is recorded (case 2 at 10,000 subjects
@@ -70,15 +72,18 @@ def _run(cmd: list[str], env: dict | None = None, timeout: int = TIMEOUT_S) -> d
     return out
 
 
-def _nlmegen(model: str, csv: Path, method: str, repeats: int, cache: Path, **extra) -> dict:
-    """nlmegen in two fresh processes: empty cache (compile + warm repeats), then cache filled."""
+def _nlmegen(model: str, csv: Path, method: str, repeats: int, cache: Path, cached_run: bool = True,
+             **extra) -> dict:
+    """nlmegen in two fresh processes: empty cache (compile + warm repeats), then cache filled
+    (``cached_run=False``: the first only)."""
     cmd = [sys.executable, str(HERE / "nlmegen_fit.py"), "--model", model, "--csv", str(csv), "--method", method]
     for k, v in extra.items():
         cmd += [f"--{k}", str(v)]
     shutil.rmtree(cache, ignore_errors=True)
     env = {"NLMEGEN_CACHE_DIR": str(cache)}
     cold = _run(cmd + ["--repeats", str(repeats)], env)
-    if not cold.get("ok"):
+    if not cold.get("ok") or not cached_run:
+        cold["end_to_end_cold_cache_s"] = cold.get("process_to_estimates_s")
         return cold
     warm = _run(cmd + ["--repeats", "0"], env)
     cold["end_to_end_cold_cache_s"] = cold["process_to_estimates_s"]
@@ -105,8 +110,8 @@ def _pynlme(csv: Path, method: str, repeats: int) -> dict:
         return {"ok": False, "error": f"pynlme venv not found at {PYNLME_PYTHON} (run benchmarks/setup_peers.sh)"}
     script = str(HERE / "peers" / "pynlme_fit.py")
     out = _run([str(PYNLME_PYTHON), script, str(csv), method, str(repeats)])
-    if out.get("ok"):
-        single = _run([str(PYNLME_PYTHON), script, str(csv), method, "1"])
+    if out.get("ok"):  # one fit per process: that process is the end-to-end figure (pynlme SAEM at 10,000: 15 min)
+        single = _run([str(PYNLME_PYTHON), script, str(csv), method, "1"]) if repeats > 1 else out
         out["end_to_end_s"] = single.get("wall_s")
     return out
 
@@ -140,8 +145,9 @@ def _theo_row(tool: str, method: str, n: int, res: dict) -> dict:
 
 def case_theo(csv: Path, n: int, repeats: int, cache: Path, saem: bool, pynlme_foce: bool = False) -> list[dict]:
     rows = [_theo_row("nlmegen", "FOCEI", n, _nlmegen("theo", csv, "focei", repeats, cache))]
-    if saem:
-        rows.append(_theo_row("nlmegen", "SAEM", n, _nlmegen("theo", csv, "saem", max(1, repeats // 2), cache)))
+    if saem:  # at 10,000 subjects (repeats 1) the SAEM figure is the first fit's run time, without compile
+        saem_repeats = max(1, repeats // 2) if repeats > 1 else 0
+        rows.append(_theo_row("nlmegen", "SAEM", n, _nlmegen("theo", csv, "saem", saem_repeats, cache)))
     rows.append(_theo_row("R nlme", "FOCE (LB)", n, _nlme(csv, repeats)))
     rows.append(_theo_row("pynlme", "LME", n, _pynlme(csv, "lme", repeats)))
     if pynlme_foce:
@@ -152,15 +158,27 @@ def case_theo(csv: Path, n: int, repeats: int, cache: Path, saem: bool, pynlme_f
     return rows
 
 
-def case_idr(n: int, repeats: int, cache: Path) -> list[dict]:
+def case_idr(n: int, cache: Path, budget_s: float | None = None, measured: list[dict] | None = None) -> list[dict]:
+    """The IDR ODE model: one process per method (first fit; its run time without compile is the
+    warm figure). With ``budget_s``, a size whose projected fit time, from the per-subject cost
+    ``measured`` at a smaller size, exceeds the budget is reported as skipped with the projection."""
     csv = _design.idr_design(n)
     rows = []
     for method in ("focei", "saem"):  # FOCEI without the covariance step (timed separately in theo cases)
-        res = _nlmegen("idr", csv, method, repeats, cache, covariance="none")
+        ref = next((r for r in (measured or []) if r["method"] == method.upper() and r.get("per_subject_ms")), None)
+        if budget_s is not None and ref is not None and ref["per_subject_ms"] * n / 1000.0 > budget_s:
+            projected = ref["per_subject_ms"] * n / 1000.0
+            rows.append({"tool": "nlmegen", "method": method.upper(), "n": n, "ok": False,
+                         "error": f"not run: projected {projected / 60:.0f} min on this machine from the "
+                                  f"{ref['n']}-subject cost ({ref['per_subject_ms']:.0f} ms per subject), over the "
+                                  f"run's {budget_s / 60:.0f} min budget per fit"})
+            continue
+        res = _nlmegen("idr", csv, method, 0, cache, cached_run=False, covariance="none")
         row = _theo_row("nlmegen", method.upper(), n, res)
         if res.get("ok"):
             row["estimates"] = res["estimates"]
             row["per_subject_ms"] = 1000.0 * (row["warm_s"] or float("nan")) / n
+            row["n_evaluations"] = res.get("timings", {}).get("n_evaluations")
         rows.append(row)
     return rows
 
@@ -211,7 +229,7 @@ def table(results: dict) -> str:
     lines = ["| case | tool | method | N | compile s | warm fit s | end-to-end s (cold / cached) | "
              "nlme warm ÷ this | -2LL | estimates |", "|" + "---|" * 10]
     for case, rows in results["cases"].items():
-        if case == "nuts":
+        if case in ("nuts", "idr"):
             continue
         nlme = {r["n"]: r.get("warm_s") for r in rows if r["tool"] == "R nlme" and r.get("ok")}
         for r in rows:
@@ -223,8 +241,18 @@ def table(results: dict) -> str:
             e2e = _fmt(r.get("end_to_end_s"))
             if r.get("end_to_end_cached_s") is not None:
                 e2e += f" / {_fmt(r['end_to_end_cached_s'])}"
+            warm = _fmt(r.get("warm_s")) + ("*" if (r.get("raw") or {}).get("warm_fit_from_first") else "")
             lines.append(f"| {case} | {r['tool']} | {r['method']} | {r['n']} | {_fmt(r.get('compile_s'))} | "
-                         f"{_fmt(r.get('warm_s'))} | {e2e} | {_fmt(ratio)} | {_fmt(r.get('m2ll'), 7)} | {_est(r)} |")
+                         f"{warm} | {e2e} | {_fmt(ratio)} | {_fmt(r.get('m2ll'), 7)} | {_est(r)} |")
+    if "idr" in results["cases"]:
+        lines += ["", "| IDR ODE model | method | N | compile s | fit s (run, no compile) | ms per subject | "
+                  "OFV evaluations | -2LL |", "|---|---|---|---|---|---|---|---|"]
+        for r in results["cases"]["idr"]:
+            if not r.get("ok"):
+                lines.append(f"| nlmegen | {r['method']} | {r['n']} | {r.get('error')} | | | | |")
+                continue
+            cells = [_fmt(r.get(k)) for k in ("compile_s", "warm_s", "per_subject_ms", "n_evaluations")]
+            lines.append(f"| nlmegen | {r['method']} | {r['n']} | {' | '.join(cells)} | {_fmt(r.get('m2ll'), 7)} |")
     if "nuts" in results["cases"]:
         lines += ["", "| NUTS on theo_sd | run s | min bulk ESS | ESS/s | divergences | ratio to hand-written |",
                   "|---|---|---|---|---|---|"]
@@ -242,6 +270,7 @@ def table(results: dict) -> str:
     if mem:
         lines += ["", "Peak resident memory of the nlmegen process (MB): " +
                   "; ".join(f"{c} N={n}: {m:.0f}" for c, n, m in mem)]
+    lines += ["", "\\* first fit's run time without its compile time (no repeat at this size)."]
     lines += ["", "-2LL: nlmegen FOCEI = FOCE-linearised Laplace -2LL with the N log 2π constant (NONMEM OFV + "
               "N log 2π); nlmegen SAEM = importance-sampling -2LL; R nlme = Lindstrom-Bates linearised ML -2LL; "
               "pynlme LME = its linear mixed-effects approximation (R conventions); pynlme SAEM = its "
@@ -299,9 +328,9 @@ def main() -> None:
             _write(results, Path(args.out), quick)
         if "idr" in wanted:
             rows = []
-            for n in ((20,) if quick else (60, 1000)):
+            for n in ((4,) if quick else (60, 1000)):
                 print(f"case 3: IDR ODE, {n} subjects", flush=True)
-                rows += case_idr(n, 1 if n > 60 or quick else 3, cache)
+                rows += case_idr(n, cache, budget_s=None if n <= 60 else 1800.0, measured=rows)
             results["cases"]["idr"] = rows
             _write(results, Path(args.out), quick)
         if "nuts" in wanted:
