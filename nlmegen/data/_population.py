@@ -31,7 +31,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 __all__ = ["ALL_FEATURES", "Population"]
 
-ALL_FEATURES = frozenset({"infusion", "steady_state", "reset"})
+ALL_FEATURES = frozenset({"infusion", "steady_state", "reset", "censoring"})
 
 
 class Population(eqx.Module):
@@ -86,9 +86,10 @@ class Population(eqx.Module):
     columns : tuple of str
         Original column names of the input table, in order (static).
     features : frozenset of str
-        Dose-event kinds present: ``"infusion"``, ``"steady_state"``, ``"reset"`` (static). The
-        dynamics leave out the code for kinds that never occur, which keeps compiled programs small
-        even when the population is a `jax.jit` argument. Defaults to all kinds.
+        Dose-event kinds present: ``"infusion"``, ``"steady_state"``, ``"reset"``, and
+        ``"censoring"`` when some observation is censored (static). The dynamics and the
+        observation model leave out the code for kinds that never occur, which keeps compiled
+        programs small and fast even when the population is a `jax.jit` argument. Defaults to all.
     """
 
     times: Float[Array, "subj obs"]

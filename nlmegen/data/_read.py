@@ -268,7 +268,7 @@ def _build(records: pd.DataFrame, roles, rules: dict, categories: tuple, columns
 
 
 def _features(arrays: dict) -> frozenset:
-    """Which dose-event kinds occur (see `Population.features`)."""
+    """Which dose-event kinds occur, and whether any observation is censored (see `Population.features`)."""
     real = arrays["dose_mask"]
     found = set()
     if np.any(real & (arrays["dose_rates"] != 0)):
@@ -277,6 +277,8 @@ def _features(arrays: dict) -> frozenset:
         found.add("steady_state")
     if np.any(arrays["reset_mask"]):
         found.add("reset")
+    if np.any(arrays["mask"] & (arrays["cens"] != 0)):
+        found.add("censoring")
     return frozenset(found)
 
 

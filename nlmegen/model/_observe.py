@@ -119,8 +119,11 @@ def observe(name: str, distribution: dist.Distribution, pop, *, output: str | in
 
 
 def _has_censoring(pop) -> bool:
-    if isinstance(pop.cens, jax.core.Tracer):  # traced population: keep the censoring path (exact for cens 0)
-        return True
+    """Whether the M3 path is needed. A traced population (a `jax.jit` argument) is judged by its
+    static ``features`` (the reader records ``"censoring"``; hand-built populations default to all
+    features): the censoring path costs a log-CDF per observation in every evaluation."""
+    if isinstance(pop.cens, jax.core.Tracer):
+        return "censoring" in getattr(pop, "features", frozenset({"censoring"}))
     return bool(np.any(np.asarray(pop.cens) != 0))
 
 

@@ -196,6 +196,14 @@ def test_m3_censoring_uses_the_cdf():
     normal = dist.Normal(1.0, 2.0)
     expected = normal.log_prob(2.0) + jnp.log(normal.cdf(0.5)) + jnp.log1p(-normal.cdf(9.0))
     np.testing.assert_allclose(loglik[0], expected, rtol=1e-12)
+    # with the population a jit argument (as every fit passes it) the reader's static "censoring"
+    # feature keeps the M3 path; a table without censored records leaves it out, same values
+    assert "censoring" in pop.features
+    jitted = jax.jit(lambda p: density.subject_terms(jnp.zeros(0), jnp.zeros((1, 0)), p)[0])
+    np.testing.assert_allclose(jitted(pop)[0], expected, rtol=1e-12)
+    plain = nlmegen.read_nonmem(df.assign(CENS=0))
+    assert "censoring" not in plain.features
+    np.testing.assert_allclose(jitted(plain)[0], normal.log_prob(jnp.asarray([2.0, 0.5, 9.0])).sum(), rtol=1e-12)
 
 
 def test_discovery_idr_and_simulated_study():
