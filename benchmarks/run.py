@@ -10,10 +10,10 @@ Cases (names for ``--only``):
 - ``theo_N``: simulated Theoph-design populations (``benchmarks/_design.py``) at 100, 1,000 and
   10,000 subjects (``--quick``: 100 and 1,000): nlmegen FOCEI and SAEM vs R nlme (Lindstrom-Bates
   FOCE, ML) and pynlme (``nlmefit`` LME, ``nlmefitsa`` SAEM).
-- ``idr``: the seeds' indirect-response ODE model at 60 and 1,000 subjects (``--quick``: 4, a timing probe only):
-  nlmegen FOCEI and SAEM (no peer on this machine: absolute figures and cost per subject), one
-  process each; a size whose projected fit time exceeds 30 minutes is reported as not run, with
-  the projection.
+- ``idr``: the seeds' indirect-response ODE model at 60 and 1,000 subjects (``--quick``: FOCEI
+  only, 4 subjects, a timing probe): nlmegen FOCEI and SAEM (no peer on this machine: absolute
+  figures and cost per subject), one process each; a size whose projected fit time exceeds 30
+  minutes is reported as not run, with the projection.
 - ``nuts``: NUTS on theo_sd, nlmegen vs the hand-written NumPyro model
   (``benchmarks/peers/numpyro_nuts.py``): ESS per second.
 - Memory: the peak resident memory of each nlmegen process is recorded (case 2 at 10,000 subjects
@@ -158,13 +158,14 @@ def case_theo(csv: Path, n: int, repeats: int, cache: Path, saem: bool, pynlme_f
     return rows
 
 
-def case_idr(n: int, cache: Path, budget_s: float | None = None, measured: list[dict] | None = None) -> list[dict]:
+def case_idr(n: int, cache: Path, budget_s: float | None = None, measured: list[dict] | None = None,
+             methods: tuple[str, ...] = ("focei", "saem")) -> list[dict]:
     """The IDR ODE model: one process per method (first fit; its run time without compile is the
     warm figure). With ``budget_s``, a size whose projected fit time, from the per-subject cost
     ``measured`` at a smaller size, exceeds the budget is reported as skipped with the projection."""
     csv = _design.idr_design(n)
     rows = []
-    for method in ("focei", "saem"):  # FOCEI without the covariance step (timed separately in theo cases)
+    for method in methods:  # FOCEI without the covariance step (timed separately in theo cases)
         ref = next((r for r in (measured or []) if r["method"] == method.upper() and r.get("per_subject_ms")), None)
         if budget_s is not None and ref is not None and ref["per_subject_ms"] * n / 1000.0 > budget_s:
             projected = ref["per_subject_ms"] * n / 1000.0
@@ -330,7 +331,9 @@ def main() -> None:
             rows = []
             for n in ((4,) if quick else (60, 1000)):
                 print(f"case 3: IDR ODE, {n} subjects", flush=True)
-                rows += case_idr(n, cache, budget_s=None if n <= 60 else 1800.0, measured=rows)
+                # --quick: FOCEI only (SAEM's 500 iterations through the ODE take minutes at any size)
+                rows += case_idr(n, cache, budget_s=None if n <= 60 else 1800.0, measured=rows,
+                                 methods=("focei",) if quick else ("focei", "saem"))
             results["cases"]["idr"] = rows
             _write(results, Path(args.out), quick)
         if "nuts" in wanted:
