@@ -26,6 +26,8 @@ __all__ = ["BFGSResult", "bfgs", "bhhh_inverse"]
 
 @dataclass
 class BFGSResult:
+    """The last accepted point, its value and gradient, the inverse-Hessian estimate and the outcome."""
+
     x: np.ndarray
     fun: float
     jac: np.ndarray

@@ -173,8 +173,7 @@ class _Problem:
         start = time.perf_counter()
         x0 = self.theta0[self.free]
         count = {"n": 0}
-
-        accepted = {}
+        accepted = {}  # eta, d eta/d theta and theta of the last accepted point
 
         def fun(x):
             # every trial starts its EBE search from the modes of the last accepted point, moved to
@@ -270,13 +269,13 @@ def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, e
     def full(theta_free, theta_all):
         return theta_all.at[free_idx].set(theta_free)
 
-    def subject_ofv(theta_free, theta_all, eta0, pop, search=True):
+    def subject_ofv(theta_free, theta_all, eta0, pop):
         theta = full(theta_free, theta_all)
         if objective.method == "fo":  # the EBEs are reported only: no derivative through them
-            ebe = objective.ebe(jax.lax.stop_gradient(theta), eta0, pop) if search else None
-            eta = jax.lax.stop_gradient(eta0 if ebe is None else ebe.eta)
+            ebe = objective.ebe(jax.lax.stop_gradient(theta), eta0, pop)
+            eta = jax.lax.stop_gradient(ebe.eta)
             return objective.subject_ofv(theta, eta, pop), ebe, eta
-        eta, ebe = objective.ebe_implicit(theta, eta0, pop, search=search)
+        eta, ebe = objective.ebe_implicit(theta, eta0, pop)
         ofv_i = objective.subject_ofv(theta, eta, pop)
         if use_map:
             ofv_i = ofv_i - 2.0 * objective.density.log_prior(theta, pop, jacobian=False) / pop.n_subjects
@@ -299,7 +298,7 @@ def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, e
 
     args = (jnp.asarray(theta0)[free_idx], jnp.asarray(theta0), eta, pop)
     store["value_and_grad"] = jax.jit(value_and_grad).lower(*args).compile()
-    # compiled on first use: the covariance step and predictions are not always needed
+    # compiled on first use: predictions are not always needed
     store["predict"] = jax.jit(functools.partial(_predict, objective))
     return store
 

@@ -122,18 +122,13 @@ class Objective:
 
         return _newton(objective, matrix, eta0, self.max_iter, self.gtol, self.max_halvings)
 
-    def ebe_implicit(self, theta: Array, eta0: Array, pop, *, search: bool = True) -> tuple[Array, EBEState]:
+    def ebe_implicit(self, theta: Array, eta0: Array, pop) -> tuple[Array, EBEState]:
         """The EBEs as a differentiable function of theta (implicit function theorem).
 
         The Newton search runs without gradients; `jax.lax.custom_root` then attaches
-        ``d eta*/d theta = -(d^2 l / d eta^2)^-1 d^2 l / d eta d theta`` to its result. With
-        ``search=False`` ``eta0`` must already be the modes (e.g. at a converged estimate).
+        ``d eta*/d theta = -(d^2 l / d eta^2)^-1 d^2 l / d eta d theta`` to its result.
         """
-        if search:
-            state = self.ebe(jax.lax.stop_gradient(theta), eta0, pop)
-        else:
-            n = eta0.shape[0]
-            state = EBEState(eta0, jnp.ones(n, bool), jnp.zeros(n), jnp.zeros((), int))
+        state = self.ebe(jax.lax.stop_gradient(theta), eta0, pop)
         var0 = self.frozen_variance(theta, pop)
 
         def optimality(eta):
