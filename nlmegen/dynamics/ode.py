@@ -55,6 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from ..data._population import ALL_FEATURES
+
 if TYPE_CHECKING:
     from ..data import Population
 
@@ -238,7 +240,7 @@ def _config(rhs, pop, solver, rtol, atol, max_steps, dt0, adjoint) -> _Config:
         adjoint=(_ADJOINT_OVERRIDE.get() or _DEFAULT_ADJOINT) if adjoint is None else adjoint,
         max_steps=int(max_steps), dt0=dt0, rtol=float(rtol), atol=float(atol))
     if any(a is None for a in arrays):  # traced data: the population's static features still tell
-        feats = getattr(pop, "features", frozenset({"infusion", "steady_state", "reset"}))
+        feats = getattr(pop, "features", ALL_FEATURES)
         ss, inf = "steady_state" in feats, "infusion" in feats
         return _Config(**settings, has_inf=inf, n_ss=n_doses if ss else 0, has_residual=ss and inf,
                        has_periodic=ss, has_const=ss and inf,

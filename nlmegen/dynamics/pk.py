@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
+from ..data._population import ALL_FEATURES
+
 __all__ = ["one_cmt", "two_cmt", "three_cmt"]
 
 Param = ArrayLike
@@ -60,7 +62,6 @@ PerCmt = ArrayLike | Mapping[int, ArrayLike]
 # Gauss quadrature of its integral form: its error (~x^4 / 4320) and the cancellation error of the
 # plain quotient (~1e-16 / x) are then both below ~1e-13.
 _NEAR = 3e-3
-_ALL_FEATURES = frozenset({"infusion", "steady_state", "reset"})  # hand-built populations: assume any
 
 
 class _Events(NamedTuple):
@@ -286,7 +287,7 @@ def _concentration(pop: Any, model: str, disposition: dict, doses: dict) -> Arra
     single = ev.times.ndim == 1
     if single:  # one subject, e.g. under jax.vmap over the population
         ev = _Events(*(x[None] for x in ev))
-    features = getattr(pop, "features", _ALL_FEATURES)
+    features = getattr(pop, "features", ALL_FEATURES)  # population-like objects: assume any kind
     conc = _superpose(model, ev, disposition, doses, features)
     return conc[0] if single else conc
 

@@ -11,6 +11,7 @@ from jax import Array
 from numpyro.distributions import constraints
 
 from .._errors import ModelError
+from ..data._population import ALL_FEATURES
 
 __all__ = ["Censored", "additive", "combined", "observe", "proportional"]
 
@@ -123,7 +124,7 @@ def _has_censoring(pop) -> bool:
     static ``features`` (the reader records ``"censoring"``; hand-built populations default to all
     features): the censoring path costs a log-CDF per observation in every evaluation."""
     if isinstance(pop.cens, jax.core.Tracer):
-        return "censoring" in getattr(pop, "features", frozenset({"censoring"}))
+        return "censoring" in getattr(pop, "features", ALL_FEATURES)
     return bool(np.any(np.asarray(pop.cens) != 0))
 
 
