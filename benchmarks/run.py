@@ -167,8 +167,8 @@ def case_idr(n: int, cache: Path, budget_s: float | None = None, measured: list[
     rows = []
     for method in methods:  # FOCEI without the covariance step (timed separately in theo cases)
         ref = next((r for r in (measured or []) if r["method"] == method.upper() and r.get("per_subject_ms")), None)
-        if budget_s is not None and ref is not None and ref["per_subject_ms"] * n / 1000.0 > budget_s:
-            projected = ref["per_subject_ms"] * n / 1000.0
+        projected = ref["per_subject_ms"] * n / 1000.0 if ref is not None else None
+        if budget_s is not None and projected is not None and projected > budget_s:
             rows.append({"tool": "nlmegen", "method": method.upper(), "n": n, "ok": False,
                          "error": f"not run: projected {projected / 60:.0f} min on this machine from the "
                                   f"{ref['n']}-subject cost ({ref['per_subject_ms']:.0f} ms per subject), over the "
