@@ -163,7 +163,6 @@ def case_idr(n: int, cache: Path, budget_s: float | None = None, measured: list[
     """The IDR ODE model: one process per method (first fit; its run time without compile is the
     warm figure). With ``budget_s``, a size whose projected fit time, from the per-subject cost
     ``measured`` at a smaller size, exceeds the budget is reported as skipped with the projection."""
-    csv = _design.idr_design(n)
     rows = []
     for method in methods:  # FOCEI without the covariance step (timed separately in theo cases)
         ref = next((r for r in (measured or []) if r["method"] == method.upper() and r.get("per_subject_ms")), None)
@@ -174,7 +173,7 @@ def case_idr(n: int, cache: Path, budget_s: float | None = None, measured: list[
                                   f"{ref['n']}-subject cost ({ref['per_subject_ms']:.0f} ms per subject), over the "
                                   f"run's {budget_s / 60:.0f} min budget per fit"})
             continue
-        res = _nlmegen("idr", csv, method, 0, cache, cached_run=False, covariance="none")
+        res = _nlmegen("idr", _design.idr_design(n), method, 0, cache, cached_run=False, covariance="none")
         row = _theo_row("nlmegen", method.upper(), n, res)
         if res.get("ok"):
             row["estimates"] = res["estimates"]
