@@ -376,8 +376,7 @@ def _subject(cfg: _Config, p, y0, obs, doses: _Doses, resets, yss):
         t1, rate_i, reset_i, ss1_i, ss2_i, yss_i, bolus_i = x
         y, res = _flow(cfg, cfg.adjoint, p, t0, jnp.where(status == 0, t1, t0), y, rate_i)
         status = jnp.where(status == 0, res, status)
-        y = jnp.where(reset_i, y0, y)
-        y = jnp.where(ss1_i, yss_i, jnp.where(ss2_i, y + yss_i - y0, y)) + bolus_i
+        y = _apply_events(y, y0, reset_i, ss1_i, ss2_i, yss_i, bolus_i)
         return (y, t1, status), y
 
     init = (y0, t_init, jnp.zeros((), jnp.int32))
@@ -385,6 +384,14 @@ def _subject(cfg: _Config, p, y0, obs, doses: _Doses, resets, yss):
     states = ys[pos_obs]
     status = jnp.where((status == 0) & ~jnp.all(jnp.isfinite(states)), NON_FINITE, status)
     return states, status
+
+
+def _apply_events(y: Array, y0: Array, reset: Array, ss1: Array, ss2: Array, yss: Array, bolus: Array) -> Array:
+    """The state after the events of one grid point: reset to ``y0``, steady state (SS=1 replaces,
+    SS=2 adds the deviation from ``y0``), then the bolus. Linear in ``(y, y0, yss, bolus)``, so the
+    same map moves the sensitivity states (`nlmegen.dynamics._sensitivity`)."""
+    y = jnp.where(reset, y0, y)
+    return jnp.where(ss1, yss, jnp.where(ss2, y + yss - y0, y)) + bolus
 
 
 def _events(cfg: _Config, y0, obs, d: _Doses, resets, yss) -> list[tuple]:
