@@ -56,6 +56,7 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ..data._population import ALL_FEATURES
+from . import _sensitivity
 
 if TYPE_CHECKING:
     from ..data import Population
@@ -210,6 +211,13 @@ def solve(
     y0s = _initial_states(y0, params, n_subj)
     n_states = y0s.shape[-1]
     _check_compartments(pop, n_states)
+    _sensitivity.record(cfg)
+    if _sensitivity.dynamics_off():  # quantities that do not depend on the dynamics (see no_dynamics)
+        states, status = jnp.zeros((n_subj, pop.times.shape[1], n_states)), jnp.zeros((n_subj,), jnp.int32)
+        return (states, status) if return_status else states
+    if _sensitivity.active() is not None:  # forward sensitivities in the primal solve (custom JVP)
+        states, status = _sensitivity.solve_with_sensitivities(cfg, pop, params, y0s, specs)
+        return (states, status) if return_status else states
     doses = jax.vmap(partial(_dose_table, n_states=n_states))(_dose_arrays(pop), specs)
     yss, ss_status = _steady_states(cfg, pop, params, y0s, doses)
     obs = (pop.times, pop.mask, pop.obs_index)
@@ -394,48 +402,122 @@ def _apply_events(y: Array, y0: Array, reset: Array, ss1: Array, ss2: Array, yss
     return jnp.where(ss1, yss, jnp.where(ss2, y + yss - y0, y)) + bolus
 
 
-def _events(cfg: _Config, y0, obs, d: _Doses, resets, yss) -> list[tuple]:
-    """Candidate events ``(time, valid, order, reset, ss1, ss2, y_ss, bolus)``, grouped by kind."""
+class _Group(NamedTuple):
+    """Candidate grid events of one kind, ``[event]`` each (``[event, n]`` for the state vectors)."""
+
+    time: Array
+    valid: Array
+    order: Array  # record index * 4 + kind (_RESET, _SS, _START, _END): the tie-break at equal times
+    reset: Array
+    ss1: Array
+    ss2: Array
+    y_ss: Array
+    bolus: Array
+    owner: Array  # the dose whose event this is (its pending doses may be cancelled), -1 for none
+
+
+def _group(time, valid, order, n: int, owner=None, reset=None, ss1=None, ss2=None, y_ss=None,
+           bolus=None) -> _Group:
+    """A `_Group`, with the flags false, the state vectors zero and no owner where not given."""
+    no, zeros = jnp.zeros(time.shape, bool), jnp.zeros((*time.shape, n))
+    return _Group(time, valid, order, no if reset is None else reset, no if ss1 is None else ss1,
+                  no if ss2 is None else ss2, zeros if y_ss is None else y_ss,
+                  zeros if bolus is None else bolus,
+                  jnp.full(time.shape, -1, jnp.int32) if owner is None else owner.astype(jnp.int32))
+
+
+def _events(cfg: _Config, y0, obs, d: _Doses, resets, yss) -> dict[str, _Group]:
+    """Candidate events of one subject by kind: observations, dose starts, infusion ends, steady
+    states, the doses of steady-state trains continued past their record (`_train`) and resets."""
     n_d, n = d.t.shape[0], y0.shape[0]
     onehot = jax.nn.one_hot(d.cmt, n, dtype=y0.dtype)
-    z_d, zn_d, f_d = jnp.zeros(n_d, bool), jnp.zeros((n_d, n), y0.dtype), jnp.zeros(n_d, bool)
+    doses = jnp.arange(n_d)
     t_obs, _, obs_index = obs
-    z_o = jnp.zeros(t_obs.shape, bool)
-    groups = [(t_obs, ~z_o, obs_index * 4 + _START, z_o, z_o, z_o, jnp.zeros((*t_obs.shape, n)),
-               jnp.zeros((*t_obs.shape, n)))]
+    groups = {"obs": _group(t_obs, jnp.ones(t_obs.shape, bool), obs_index * 4 + _START, n)}
     bolus = jnp.where((d.valid & (d.rate == 0))[:, None], d.amt[:, None] * onehot, 0.0)
-    groups.append((d.t + d.lag, d.valid, d.index * 4 + _START, z_d, z_d, z_d, zn_d, bolus))
-    end = d.t + d.lag + d.dur
+    groups["start"] = _group(d.t + d.lag, d.valid, d.index * 4 + _START, n, doses, bolus=bolus)
     if cfg.has_inf:
+        end = d.t + d.lag + d.dur
         ok = d.valid & (d.rate > 0) & jnp.isfinite(end)
-        groups.append((jnp.where(ok, end, 0.0), ok, d.index * 4 + _END, z_d, z_d, z_d, zn_d, zn_d))
+        groups["end"] = _group(jnp.where(ok, end, 0.0), ok, d.index * 4 + _END, n, doses)
     if cfg.n_ss:
         is_ss = d.valid & (d.ss != 0)
-        groups.append((d.t, is_ss, d.index * 4 + _SS, f_d, is_ss & (d.ss == 1), is_ss & (d.ss == 2),
-                       yss, zn_d))
-    if cfg.has_residual:
-        ok, r_end = _residual(d)
-        groups.append((r_end, ok, d.index * 4 + _END, z_d, z_d, z_d, zn_d, zn_d))
+        groups["ss"] = _group(d.t, is_ss, d.index * 4 + _SS, n, doses, ss1=is_ss & (d.ss == 1),
+                              ss2=is_ss & (d.ss == 2), y_ss=yss)
+    if cfg.n_ss and cfg.has_periodic:
+        tr = _train(cfg, d)
+        start = jnp.where(tr.bolus_ok | tr.inf_ok, jnp.maximum(tr.start, tr.record), 0.0)
+        groups["train_start"] = _group(start, tr.bolus_ok | tr.inf_ok, tr.index * 4 + _START, n, tr.owner,
+                                       bolus=jnp.where(tr.bolus_ok[:, None], tr.amt[:, None] * onehot[tr.owner], 0.0))
+        if cfg.has_residual:
+            groups["train_end"] = _group(jnp.where(tr.inf_ok, tr.end, 0.0), tr.inf_ok, tr.index * 4 + _END, n,
+                                         tr.owner)
     if cfg.has_reset:
         t_r, mask_r, index_r = resets
-        z_r = jnp.zeros(t_r.shape, bool)
-        groups.append((t_r, mask_r, index_r * 4 + _RESET, mask_r, z_r, z_r,
-                       jnp.zeros((*t_r.shape, n)), jnp.zeros((*t_r.shape, n))))
+        groups["reset"] = _group(t_r, mask_r, index_r * 4 + _RESET, n, reset=mask_r)
     return groups
 
 
-def _residual(d: _Doses) -> tuple[Array, Array]:
-    """Steady-state infusions of the previous cycle still running after the record time: end times."""
-    r_end = d.t + d.lag + d.dur - d.ii
-    ok = d.valid & (d.ss != 0) & (d.rate > 0) & (d.ii > 0) & jnp.isfinite(d.dur) & (r_end > d.t)
-    return ok, jnp.where(ok, r_end, 0.0)
+#: Doses of a steady-state train (besides the record's own dose) continued past the record time:
+#: enough for ALAG + duration <= (_TRAIN + 1) * II, i.e. up to 5 overlapping infusions. A longer
+#: train fails the subject with `SS_UNSUPPORTED` (`_train_too_long`).
+_TRAIN = 4
+
+
+class _Train(NamedTuple):
+    """The implied doses ``k = 1 .. _TRAIN`` of each steady-state train, ``[slot * k]`` each."""
+
+    owner: Array  # the SS dose record
+    index: Array  # its record index
+    record: Array  # its record time
+    start: Array  # dose time TIME + ALAG - k II
+    end: Array  # infusion end
+    amt: Array
+    bolus_ok: Array  # a bolus given at or after the record time
+    inf_ok: Array  # an infusion still running at the record time or starting after it
+
+
+def _train(cfg: _Config, d: _Doses) -> _Train:
+    """The doses of each steady-state train (SS > 0, II > 0) that the state at the record time
+    does not contain yet: infusions still running then, and doses due at or after it (ALAG >= II).
+
+    NONMEM help, "SS dose event record": the SS dose is the last of a series of implied doses
+    every II; ALAG, F, R and D apply to all of them. The steady state at the record time is that of
+    the train (`_period_map`); after it the implied doses go on as transient doses, running
+    infusions until their end, and lagged doses of the train still due are given.
+    """
+    n_slots = min(cfg.n_ss, d.t.shape[0])
+    periodic = d.valid & (d.ss != 0) & (d.ii > 0)
+    (slot,) = jnp.nonzero(periodic, size=n_slots, fill_value=0)
+    used = (jnp.arange(n_slots) < periodic.sum())[:, None]
+    k = jnp.arange(1, _TRAIN + 1, dtype=d.t.dtype)
+
+    def each(x):  # [slot] -> [slot * k]
+        return jnp.broadcast_to(x, (n_slots, _TRAIN)).reshape(-1)
+
+    at = lambda x: x[slot][:, None]  # noqa: E731
+    start = at(d.t) + at(d.lag) - k * at(d.ii)
+    end = start + at(d.dur)
+    infusion = at(d.rate) > 0
+    bolus_ok = used & ~infusion & (start >= at(d.t))
+    inf_ok = used & infusion & (end > at(d.t))
+    return _Train(owner=each(slot[:, None]), index=each(at(d.index)), record=each(at(d.t)),
+                  start=start.reshape(-1), end=end.reshape(-1), amt=each(at(d.amt)),
+                  bolus_ok=bolus_ok.reshape(-1), inf_ok=inf_ok.reshape(-1))
+
+
+def _train_too_long(d: _Doses) -> Array:
+    """Some steady-state train has implied doses beyond the `_TRAIN` that `_train` continues."""
+    start = d.t + d.lag - (_TRAIN + 1) * d.ii
+    beyond = (start >= d.t) | ((d.rate > 0) & (start + d.dur > d.t))
+    return jnp.any(d.valid & (d.ss != 0) & (d.ii > 0) & beyond)
 
 
 def _grid(cfg: _Config, y0, obs, d: _Doses, resets, yss):
     """The sorted event grid of one subject, with the infusion rate of each segment."""
     groups = _events(cfg, y0, obs, d, resets, yss)
-    time, valid, order, is_reset, ss1, ss2, y_ss, bolus = (
-        jnp.concatenate(parts) for parts in zip(*groups, strict=True))
+    time, valid, order, is_reset, ss1, ss2, y_ss, bolus, owner = (
+        jnp.concatenate(parts) for parts in zip(*groups.values(), strict=True))
     t_obs, mask_obs, _ = obs
     firsts = [jnp.where(mask_obs, t_obs, jnp.inf).min(initial=jnp.inf),
               jnp.where(d.valid, d.t, jnp.inf).min(initial=jnp.inf)]
@@ -450,30 +532,65 @@ def _grid(cfg: _Config, y0, obs, d: _Doses, resets, yss):
     keys = jax.lax.optimization_barrier((order, beyond.astype(jnp.int32), time))
     perm = jnp.lexsort(keys)
     pos = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0]))
-    rate = _rates(cfg, d, pos, t_obs.shape[0], (is_reset | ss1)[perm] & ~beyond[perm], y0)
+    at = _offsets(groups, pos)
+    cut = _cuts(cfg, d, resets, at, pos.shape[0])
+    if cut is not None:  # doses cancelled before they are due give nothing
+        bolus = jnp.where((pos < cut[jnp.maximum(owner, 0)])[:, None] | (owner < 0)[:, None], bolus, 0.0)
+    rate = _rates(cfg, d, at, cut, pos.shape[0], y0)
     return (time[perm], rate, is_reset[perm], ss1[perm], ss2[perm], y_ss[perm], bolus[perm],
             pos[: t_obs.shape[0]], t_init)
 
 
-def _rates(cfg: _Config, d: _Doses, pos: Array, n_obs: int, cancel: Array, y0: Array) -> Array:
-    """Total infusion rate vector over the segment that ends at each grid point, ``[grid, n]``."""
-    n_grid, n_d = pos.shape[0], d.t.shape[0]
+def _offsets(groups: dict[str, _Group], pos: Array) -> dict[str, Array]:
+    """Grid positions of the events of each group (``pos`` of the concatenation, split by group)."""
+    out, first = {}, 0
+    for name, g in groups.items():
+        out[name] = pos[first: first + g.time.shape[0]]
+        first += g.time.shape[0]
+    return out
+
+
+def _cuts(cfg: _Config, d: _Doses, resets, at: dict, n_grid: int) -> Array | None:
+    """``[dose]``: grid position of the first reset after each dose record (n_grid if none).
+
+    NONMEM help, "SS data item" (SS = 1) and "EVID" (3, 4): a reset cancels "infusions in
+    progress or pending additional doses"; so a dose record's events (its lagged start, its
+    infusion, its steady-state train) count only up to the first reset whose record comes after
+    the dose record, even when the dose is not yet due at that reset. None: no resets possible.
+    """
+    if not (cfg.has_reset or cfg.n_ss):
+        return None
+    keys = []  # (record time, record index, grid position, is a reset)
+    if cfg.has_reset:
+        keys.append((resets[0], resets[2], at["reset"], resets[1]))
+    if cfg.n_ss:
+        keys.append((d.t, d.index, at["ss"], d.valid & (d.ss == 1)))
+    # (a reset beyond the last observation sorts after every event that matters: no need to drop it)
+    t_k, i_k, pos_k, ok_k = (jnp.concatenate(parts) for parts in zip(*keys, strict=True))
+    later = (d.t[:, None] < t_k) | ((d.t[:, None] == t_k) & (d.index[:, None] < i_k))
+    return jnp.min(jnp.where(later & ok_k, pos_k, n_grid), axis=1, initial=n_grid)
+
+
+def _rates(cfg: _Config, d: _Doses, at: dict, cut: Array | None, n_grid: int, y0: Array) -> Array:
+    """Total infusion rate vector over the segment that ends at each grid point, ``[grid, n]``.
+
+    An infusion runs from its start event up to its end event or the first reset after its record
+    (`_cuts`), whichever comes first on the grid.
+    """
+    n = y0.shape[0]
     if not cfg.has_inf:
-        return jnp.zeros((n_grid, y0.shape[0]), y0.dtype)
-    idx = jnp.arange(n_grid)
-    last_cancel = jax.lax.cummax(jnp.where(cancel, idx, -1))[:, None]
-    i = idx[:, None]
-    start = pos[n_obs: n_obs + n_d]
-    end = pos[n_obs + n_d: n_obs + 2 * n_d]
-    per_dose = (d.rate * d.valid)[:, None] * jax.nn.one_hot(d.cmt, y0.shape[0], dtype=y0.dtype)
-    active = (start <= i) & (i < end) & (last_cancel < start)
-    after = active.astype(y0.dtype) @ per_dose
-    if cfg.has_residual:
-        ss_pos = pos[n_obs + 2 * n_d: n_obs + 3 * n_d]
-        r_pos = pos[n_obs + 3 * n_d: n_obs + 4 * n_d]
-        ok = _residual(d)[0]
-        running = ok & (ss_pos <= i) & (i < r_pos) & (last_cancel <= ss_pos)
-        after = after + running.astype(y0.dtype) @ per_dose
+        return jnp.zeros((n_grid, n), y0.dtype)
+    per_dose = (d.rate * d.valid)[:, None] * jax.nn.one_hot(d.cmt, n, dtype=y0.dtype)
+    cut = jnp.full(d.t.shape, n_grid) if cut is None else cut
+    items = [(at["start"], at["end"], cut, per_dose)]
+    if "train_end" in at:
+        tr = _train(cfg, d)
+        items.append((at["train_start"], at["train_end"], cut[tr.owner],
+                       jnp.where(tr.inf_ok[:, None], per_dose[tr.owner], 0.0)))
+    start, end, stop, rates = (jnp.concatenate(parts) for parts in zip(*items, strict=True))
+    i = jnp.arange(n_grid)[:, None]
+    active = (start <= i) & (i < jnp.minimum(end, stop))
+    after = active.astype(y0.dtype) @ rates
     return jnp.concatenate([jnp.zeros_like(after[:1]), after[:-1]])
 
 

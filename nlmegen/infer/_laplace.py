@@ -22,14 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .._errors import DataError
+from .._errors import DataError, ModelError
+from ..dynamics._sensitivity import SensitivityUnsupported, recording
 from ..model import Density, discover
 from ._bfgs import bfgs, bhhh_inverse
 from ._covariance import covariance_step
 from ._objective import LOG_2PI, Objective
+from ._reverse import reverse_value_and_grad
 from ._start import starting_point
 
-__all__ = ["FO", "FOCE", "FOCEI", "Laplace"]
+__all__ = ["ENGINES", "FO", "FOCE", "FOCEI", "Laplace"]
+
+ENGINES = ("auto", "forward", "reverse")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,14 @@ class Laplace:
         likelihood (priors ignored, only their supports used).
     progress, print_every
         Print the iteration log (OFV, gradient norm) every ``print_every`` iterations.
+    engine
+        How the OFV's gradient is computed. ``"forward"``: forward mode throughout (one tangent per
+        free parameter; fastest for closed-form models with few parameters). ``"reverse"``: ODE
+        solves carry their random-effect sensitivities and the gradient over all population
+        parameters is one reverse-mode pass (`_reverse`; FO/FOCE/FOCEI; its cost does not grow with
+        the number of parameters, e.g. network weights). ``"auto"`` (default): reverse for models
+        with ODE dynamics or more than 50 free parameters, forward otherwise (and for Laplace, and
+        for steady-state dosing, which the sensitivity solve does not cover).
 
     References
     ----------
@@ -70,6 +82,7 @@ class Laplace:
     map: bool = False
     progress: bool = True
     print_every: int = 10
+    engine: str = "auto"
 
     def objective_for(self, density: Density) -> Objective:
         return Objective(density, self.method, self.ebe_max_iter, self.ebe_gtol)
@@ -138,14 +151,41 @@ class _Problem:
         theta[self.free] = theta_free
         return theta
 
+    def resolve_engine(self) -> str:
+        """The gradient engine for this fit (see `Laplace`'s ``engine``)."""
+        engine, method = self.backend.engine, self.backend.method
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+        if method == "laplace":
+            if engine == "reverse":
+                raise ModelError("engine='reverse' covers FO, FOCE and FOCEI; Laplace's exact Hessian needs "
+                                 "second-order sensitivities: use engine='forward' (or 'auto')")
+            return "forward"
+        if engine != "auto":
+            return engine
+        with recording() as calls:
+            jax.eval_shape(lambda t, e, p: jax.tree.leaves(self.density.subject_terms(t, e, p)),
+                           jnp.asarray(self.theta0), self.eta, self.pop)
+        if any(c.n_ss for c in calls):
+            return "forward"
+        return "reverse" if calls or int(self.free.sum()) > 50 else "forward"
+
     def compile(self) -> float:
         """Compile the evaluation function once (cached across fits); return the seconds spent."""
-        key = (self.model, self.backend.method, self.backend.ebe_max_iter, self.backend.ebe_gtol,
-               self.backend.map, tuple(self.free.tolist()), jax.tree_util.tree_structure(self.pop),
-               tuple(x.shape for x in jax.tree_util.tree_leaves(self.pop)))
         start = time.perf_counter()
-        self.fns = _compiled(key, self.objective, self.backend.map, self.free, self.pop, self.eta,
-                             jnp.asarray(self.theta0))
+        self.engine = self.resolve_engine()
+        key = (self.model, self.backend.method, self.backend.ebe_max_iter, self.backend.ebe_gtol,
+               self.backend.map, self.engine, tuple(self.free.tolist()), jax.tree_util.tree_structure(self.pop),
+               tuple(x.shape for x in jax.tree_util.tree_leaves(self.pop)))
+        args = (self.objective, self.backend.map, self.free, self.pop, self.eta, jnp.asarray(self.theta0))
+        try:
+            self.fns = _compiled(key, self.engine, *args)
+        except SensitivityUnsupported as err:
+            if self.backend.engine == "reverse":
+                raise ModelError(f"engine='reverse' cannot fit this model: {err}; use engine='forward'") from err
+            self.warnings.append(f"gradient by forward mode: {err}")
+            self.engine = "forward"
+            self.fns = _compiled(key[:5] + ("forward",) + key[6:], "forward", *args)
         return time.perf_counter() - start
 
     def evaluate(self, theta_free: np.ndarray):
@@ -257,13 +297,14 @@ _CACHE: dict = {}  # compiled functions by (model, settings, free set, data stru
 _CACHE_SIZE = 16
 
 
-def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, eta, theta0) -> dict:
-    """The jitted evaluation functions for this problem, compiled once per key."""
+def _compiled(key, engine: str, objective: Objective, use_map: bool, free: np.ndarray, pop, eta, theta0) -> dict:
+    """The jitted evaluation functions for this problem, compiled once per key.
+
+    Only what compiled is stored: a failed or interrupted compile leaves no entry behind.
+    """
     if key in _CACHE:
         return _CACHE[key]
-    if len(_CACHE) >= _CACHE_SIZE:
-        _CACHE.pop(next(iter(_CACHE)))
-    store = _CACHE[key] = {}
+    store = {}
     free_idx = np.flatnonzero(free)
 
     def full(theta_free, theta_all):
@@ -296,10 +337,15 @@ def _compiled(key, objective: Objective, use_map: bool, free: np.ndarray, pop, e
         # next trial point (a warm start a few Newton iterations closer)
         return jnp.sum(ofv_i), jnp.sum(grad_i, axis=0), ebe.eta, ebe, ofv_i, grad_i, eta_jac
 
+    if engine == "reverse":
+        value_and_grad = reverse_value_and_grad(objective, use_map, free_idx)  # noqa: F811
     args = (jnp.asarray(theta0)[free_idx], jnp.asarray(theta0), eta, pop)
     store["value_and_grad"] = jax.jit(value_and_grad).lower(*args).compile()
     # compiled on first use: predictions are not always needed
     store["predict"] = jax.jit(functools.partial(_predict, objective))
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = store
     return store
 
 

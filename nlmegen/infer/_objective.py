@@ -27,20 +27,23 @@ implicit function theorem (`jax.lax.custom_root`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax import Array
 
 from .._errors import ModelError
+from ..dynamics._sensitivity import no_dynamics, sensitivities
 from ..dynamics.ode import forward_mode
 from ..model import Density
 from ..model._observe import Censored
 
-__all__ = ["METHODS", "EBEState", "Objective"]
+__all__ = ["METHODS", "EBEState", "Local", "Objective"]
 
 METHODS = ("fo", "foce", "focei", "laplace")
 LOG_2PI = float(jnp.log(2 * jnp.pi))
@@ -85,9 +88,13 @@ class Objective:
         return self.density.sites.n_eta
 
     # ----------------------------------------------------------------- model pieces
-    def _trace_parts(self, theta: Array, eta: Array, pop) -> dict:
-        """One model run: log-likelihood and prior per subject, and the Gaussian observation parts."""
-        with forward_mode():  # every derivative here is forward mode (ODE models included)
+    def _trace_parts(self, theta: Array, eta: Array, pop, context=None) -> dict:
+        """One model run: log-likelihood and prior per subject, and the Gaussian observation parts.
+
+        ``context`` (a context manager) is entered while the model runs; by default `forward_mode`:
+        every derivative of the forward engine is forward mode (ODE models included).
+        """
+        with forward_mode() if context is None else context:
             tr = self.density.trace(theta, eta, pop)
         loglik, prior = self.density.terms_of_trace(tr, eta, pop)
         out = {"loglik": loglik, "prior": prior}
@@ -202,14 +209,76 @@ class Objective:
 
         f, g = _value_and_columns(obs, zero)
         parts = self._trace_parts(theta, zero, pop)
-        w = jnp.where(parts["mask"], 1.0 / parts["var"], 0.0)
-        r = jnp.where(parts["mask"], parts["y"] - f, 0.0)
-        m = precision + jnp.einsum("so,sok,sol->skl", w, g, g)
-        b = jnp.einsum("so,sok,so->sk", w, g, r)
-        logdet_v = jnp.sum(jnp.where(parts["mask"], jnp.log(parts["var"]), 0.0), axis=1)
-        logdet_c = logdet_v - jnp.linalg.slogdet(precision)[1] + jnp.linalg.slogdet(m)[1]
-        quad = jnp.sum(w * r**2, axis=1) - jnp.einsum("sk,sk->s", b, jnp.linalg.solve(m, b[..., None])[..., 0])
-        return logdet_c + quad
+        return _fo_from(precision, f, g, parts["var"], parts["y"], parts["mask"])
+
+    # ----------------------------------------------------------------- sensitivity engine
+    # The reverse engine (see `_reverse`): the model runs once per evaluation under a jvp over eta
+    # whose ODE solves carry forward sensitivities (`nlmegen.dynamics._sensitivity`); everything the
+    # OFV needs (f, g = df/deta, V, dV/deta, log densities and their eta-gradients) comes out of that
+    # run, and it can be differentiated in reverse mode with respect to theta.
+    def local(self, theta: Array, eta: Array, pop, var0: Array | None = None, adjoint=None) -> Local:
+        """Joint log density, its eta-gradient and the method's curvature ``A_i`` from one model run."""
+        if self.method == "laplace":
+            raise ModelError("the sensitivity engine covers FO, FOCE and FOCEI; Laplace uses the forward engine")
+
+        def fn(e):
+            parts = self._trace_parts(theta, e, pop, context=sensitivities(e, adjoint))
+            return ({"loglik": parts["loglik"], "prior": parts["prior"], "f": parts["f"], "var": parts["var"]},
+                    {"y": parts["y"], "mask": parts["mask"]})
+
+        (vals, cols), aux = _value_and_columns_aux(fn, eta)
+        mask, y = aux["mask"], aux["y"]
+        g, dvar = cols["f"], cols["var"]
+        w0 = None
+        if self.method == "foce":  # frozen variances: Gaussian log-likelihood and its gradient at var0
+            loglik = _gaussian_loglik(y, vals["f"], var0, mask)
+            w0 = jnp.where(mask, 1.0 / jnp.where(mask, var0, 1.0), 0.0)
+            grad = jnp.einsum("so,so,sok->sk", w0, jnp.where(mask, y - vals["f"], 0.0), g) + cols["prior"]
+            var, dvar = var0, jnp.zeros_like(dvar)
+        else:
+            loglik, var = vals["loglik"], vals["var"]
+            grad = cols["loglik"] + cols["prior"]
+        w = jnp.where(mask, 1.0 / jnp.where(mask, var, 1.0), 0.0)
+        a = self.prior_curvature_static(theta, eta, pop)
+        a = a + jnp.einsum("so,sok,sol->skl", w, g, g) + 0.5 * jnp.einsum("so,sok,sol->skl", w**2, dvar, dvar)
+        return Local(loglik + vals["prior"], grad, a, loglik, vals["prior"], vals["f"], var, y, mask, g)
+
+    def prior_curvature_static(self, theta: Array, eta: Array, pop) -> Array:
+        """``-d^2 log p(eta | theta) / d eta^2`` from a model run whose ODE solves are skipped."""
+
+        def prior(e):
+            return self._trace_parts(theta, e, pop, context=no_dynamics())["prior"]
+
+        return -_columns(lambda e: _columns(prior, e), eta)
+
+    def local_ofv(self, loc: Local, pop) -> Array:
+        """Per-subject OFV from `local`'s pieces (module docstring's formula), ``[subj]``."""
+        n_obs = jnp.sum(loc.mask, axis=1)
+        _, logdet = jnp.linalg.slogdet(loc.curvature)
+        return -2.0 * loc.value - (n_obs + self.n_eta) * LOG_2PI + logdet
+
+    def local_fo_ofv(self, theta: Array, pop, adjoint=None) -> Array:
+        """FO's OFV from one sensitivity run at eta = 0 (see `_fo_ofv`)."""
+        zero = jnp.zeros((pop.n_subjects, self.n_eta))
+        loc = self.local(theta, zero, pop, None, adjoint)
+        precision = self.prior_curvature_static(theta, zero, pop)
+        return _fo_from(precision, loc.f, loc.g, loc.var, loc.y, loc.mask)
+
+    def ebe_local(self, theta: Array, eta0: Array, pop, var0: Array | None = None) -> EBEState:
+        """The EBE search of `ebe`, with gradient and curvature from one sensitivity run per iteration."""
+        fwd = diffrax.ForwardMode()
+
+        def objective(e):  # line-search values: plain solves, no derivatives
+            parts = self._trace_parts(theta, e, pop, context=contextlib.nullcontext())
+            if self.method == "foce":
+                return _gaussian_loglik(parts["y"], parts["f"], var0, parts["mask"]) + parts["prior"]
+            return parts["loglik"] + parts["prior"]
+
+        def local(e):
+            loc = self.local(theta, e, pop, var0, fwd)
+            return loc.grad, loc.curvature
+
+        return _newton_local(objective, local, eta0, self.max_iter, self.gtol, self.max_halvings)
 
     def n_observations(self, pop) -> int:
         """Observation records that count for the OFV's dropped ``N log(2 pi)`` constant."""
@@ -252,6 +321,33 @@ def _gaussian_parts(tr: dict, sites, method: str) -> dict:
             "mask": jnp.concatenate(ms, 1)}
 
 
+class Local(NamedTuple):
+    """One sensitivity run of the model at ``eta`` (see `Objective.local`), per subject."""
+
+    value: Array  # [subj] the function whose mode is the EBE (FOCE: variances frozen)
+    grad: Array  # [subj, d] its eta-gradient
+    curvature: Array  # [subj, d, d] A_i of the method
+    loglik: Array  # [subj]
+    prior: Array  # [subj]
+    f: Array  # [subj, obs] predictions of the Gaussian observed sites, concatenated
+    var: Array  # [subj, obs] residual variances (FOCE: frozen)
+    y: Array
+    mask: Array
+    g: Array  # [subj, obs, d] df / d eta
+
+
+def _fo_from(precision: Array, f: Array, g: Array, var: Array, y: Array, mask: Array) -> Array:
+    """FO's OFV per subject: the marginal Gaussian of the linearised model, Woodbury form."""
+    w = jnp.where(mask, 1.0 / jnp.where(mask, var, 1.0), 0.0)
+    r = jnp.where(mask, y - f, 0.0)
+    m = precision + jnp.einsum("so,sok,sol->skl", w, g, g)
+    b = jnp.einsum("so,sok,so->sk", w, g, r)
+    logdet_v = jnp.sum(jnp.where(mask, jnp.log(jnp.where(mask, var, 1.0)), 0.0), axis=1)
+    logdet_c = logdet_v - jnp.linalg.slogdet(precision)[1] + jnp.linalg.slogdet(m)[1]
+    quad = jnp.sum(w * r**2, axis=1) - jnp.einsum("sk,sk->s", b, jnp.linalg.solve(m, b[..., None])[..., 0])
+    return logdet_c + quad
+
+
 def _gaussian_loglik(y: Array, f: Array, var: Array, mask: Array) -> Array:
     safe_var = jnp.where(mask, var, 1.0)
     terms = -0.5 * (jnp.log(2 * jnp.pi * safe_var) + (y - f) ** 2 / safe_var)
@@ -279,6 +375,13 @@ def _value_and_columns(fn, eta: Array) -> tuple[Any, Any]:
     value, cols = jax.vmap(lambda t: jax.jvp(fn, (eta,), (t,)), out_axes=(None, 0))(
         _basis(eta.shape, eta.shape[-1]))
     return value, jax.tree_util.tree_map(lambda c: jnp.moveaxis(c, 0, -1), cols)
+
+
+def _value_and_columns_aux(fn, eta: Array) -> tuple[Any, Any]:
+    """`_value_and_columns` for ``fn(eta) -> (out, aux)``: ``((value, columns), aux)``."""
+    value, cols, aux = jax.vmap(lambda t: jax.jvp(fn, (eta,), (t,), has_aux=True), out_axes=(None, 0, None))(
+        _basis(eta.shape, eta.shape[-1]))
+    return (value, jax.tree_util.tree_map(lambda c: jnp.moveaxis(c, 0, -1), cols)), aux
 
 
 def _columns(fn, eta: Array) -> Any:
@@ -349,6 +452,42 @@ def _newton(objective, matrix, eta0: Array, max_iter: int, gtol: float, max_halv
     eta, value, g, it, _, done, _ = jax.lax.while_loop(cond, body, init)
     converged = ((gnorm(g) <= gtol) | done) & jnp.isfinite(value)
     # a subject stuck where no step improves is at its mode up to rounding: accept a small gradient
+    converged = converged | ((gnorm(g) <= jnp.sqrt(gtol)) & jnp.isfinite(value))
+    return EBEState(eta, converged, gnorm(g), it)
+
+
+def _newton_local(objective, local, eta0: Array, max_iter: int, gtol: float, max_halvings: int) -> EBEState:
+    """`_newton` with the gradient and the Newton matrix from one call ``local(eta) -> (g, M)``.
+
+    The same iteration and stopping rules; the sensitivity engine computes both from one model run.
+    """
+
+    def gnorm(g):
+        return jnp.max(jnp.abs(g), axis=-1) if g.shape[-1] else jnp.zeros(g.shape[:1])
+
+    def cond(carry):
+        eta, value, g, m, it, stalled, done, _ = carry
+        return (it < max_iter) & jnp.any((gnorm(g) > gtol) & ~stalled & ~done)
+
+    def body(carry):
+        eta, value, g, m, it, stalled, done, last = carry
+        step = jnp.linalg.solve(m, g[..., None])[..., 0]
+        active = (gnorm(g) > gtol) & ~stalled & ~done & jnp.all(jnp.isfinite(step), axis=-1)
+        step = jnp.where(active[:, None], step, 0.0)
+        new_eta, new_value, accepted = _line_search(objective, eta, value, step, max_halvings)
+        new_g, new_m = local(new_eta)
+        stalled = stalled | (active & ~accepted) | ~jnp.all(jnp.isfinite(new_g), axis=-1)
+        decrement = jnp.sum(g * step, axis=-1)
+        floor = (decrement <= NOISE_DECREMENT) & (decrement > 0.5 * last)
+        done = done | (decrement <= DECREMENT_TOL) | floor
+        return new_eta, new_value, new_g, new_m, it + 1, stalled, done, jnp.where(active, decrement, last)
+
+    value0 = objective(eta0)
+    g0, m0 = local(eta0)
+    n = eta0.shape[0]
+    init = (eta0, value0, g0, m0, jnp.zeros((), int), ~jnp.isfinite(value0), jnp.zeros(n, bool), jnp.full(n, jnp.inf))
+    eta, value, g, _, it, _, done, _ = jax.lax.while_loop(cond, body, init)
+    converged = ((gnorm(g) <= gtol) | done) & jnp.isfinite(value)
     converged = converged | ((gnorm(g) <= jnp.sqrt(gtol)) & jnp.isfinite(value))
     return EBEState(eta, converged, gnorm(g), it)
 

@@ -1,0 +1,108 @@
+"""The reverse engine of the conditional estimation methods: OFV gradient in one reverse pass.
+
+For FO, FOCE and FOCEI on any model (ODE models through the sensitivity-augmented solve of
+`nlmegen.dynamics._sensitivity`, network terms included). One evaluation at theta:
+
+1. EBEs ``eta*`` by the batched Newton search, gradient and curvature from one sensitivity run per
+   iteration (`Objective.ebe_local`); no derivatives with respect to theta.
+2. At ``eta*``, values only: the exact Hessian ``H_i = -d^2 l_i / d eta^2`` of the joint log
+   density and the partial derivative ``dF_i / d eta`` of the subject's OFV ``F_i`` (its
+   ``log|A_i|`` depends on eta through ``g = df/d eta``), from one forward-over-forward pass (the
+   augmented solves in `diffrax.ForwardMode`); ``lambda_i = H_i^-1 dF_i / d eta``.
+3. ONE reverse-mode pass (diffrax's checkpointed adjoint) of
+   ``L_i(theta) = F_i(theta, eta*) + lambda_i' d l_i / d eta (theta, eta*)``:
+   at the mode ``d l_i / d eta = 0``, so ``L_i = F_i`` in value, and by the implicit function
+   theorem (``d eta* / d theta = H^-1 d^2 l / d eta d theta``) its theta-gradient is the total
+   derivative ``dF_i / d theta`` (the adjoint form of the implicit-function correction). The pass
+   is vmapped over subjects, each seeing a one-subject population, so the per-subject gradients
+   (BHHH start, S matrix of the covariance step) come at the cost of the summed one.
+
+The cost of 3 does not grow with the number of population parameters (network weights included):
+the forward engine (`_laplace`) pushes one tangent per parameter through every solve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..dynamics._sensitivity import no_dynamics
+from ._objective import Objective, _value_and_columns
+
+__all__ = ["reverse_value_and_grad"]
+
+
+def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.ndarray):
+    """``value_and_grad(theta_free, theta_all, eta0, pop)`` with the forward engine's outputs:
+    ``(ofv, grad, eta*, ebe_state, ofv_i, grad_i, d eta*/d theta)``; the last is zeros (not computed:
+    it would cost one reverse pass per random effect)."""
+    method = objective.method
+    fwd = diffrax.ForwardMode()
+
+    def full(theta_free, theta_all):
+        return theta_all.at[free_idx].set(theta_free)
+
+    def var0_of(theta, pop, adjoint):
+        if method != "foce":
+            return None
+        zero = jnp.zeros((pop.n_subjects, objective.n_eta))
+        return objective.local(theta, zero, pop, None, adjoint).var
+
+    def multipliers(theta, eta, pop):
+        """``lambda_i = H_i^-1 dF_i/d eta`` at the EBEs (values: no theta-derivatives)."""
+        var0 = var0_of(theta, pop, fwd)
+
+        def pieces(e):
+            loc = objective.local(theta, e, pop, var0, fwd)
+            return loc.grad, objective.local_ofv(loc, pop)
+
+        _, (dgrad, dofv) = _value_and_columns(pieces, eta)
+        hess = -0.5 * (dgrad + jnp.swapaxes(dgrad, -1, -2))
+        return jnp.linalg.solve(hess, dofv[..., None])[..., 0]
+
+    def value_and_grad(theta_free, theta_all, eta0, pop):
+        theta = jax.lax.stop_gradient(full(theta_free, theta_all))
+        n_subjects = pop.n_subjects
+
+        def subject_objective(theta_free, theta_all, eta, lam, pop):
+            """``L_i`` of one subject (``pop`` and ``eta`` of one subject); its gradient is dF_i/d theta."""
+            theta = full(theta_free, theta_all)
+            if method == "fo":
+                ofv = objective.local_fo_ofv(theta, pop)[0]
+            else:
+                loc = objective.local(theta, eta, pop, var0_of(theta, pop, None))
+                ofv = objective.local_ofv(loc, pop)[0]
+                correction = jnp.dot(lam[0], loc.grad[0])
+                ofv = ofv + correction - jax.lax.stop_gradient(correction)
+            if use_map:  # the population prior does not depend on the dynamics
+                with no_dynamics():
+                    log_prior = objective.density.log_prior(theta, pop, jacobian=False)
+                ofv = ofv - 2.0 * log_prior / n_subjects
+            return ofv
+
+        var0 = var0_of(theta, pop, fwd)
+        ebe = objective.ebe_local(theta, eta0, pop, var0)
+        eta = jax.lax.stop_gradient(ebe.eta)
+        if method == "fo":
+            lam = jnp.zeros_like(eta)
+        else:
+            lam = jax.lax.stop_gradient(multipliers(theta, eta, pop))
+        ofv_i, grad_i = jax.vmap(jax.value_and_grad(subject_objective), in_axes=(None, None, 0, 0, 0))(
+            theta_free, theta_all, eta[:, None], lam[:, None], one_subject_populations(pop))
+        eta_jac = jnp.zeros((*eta.shape, theta_free.size), eta.dtype)
+        return jnp.sum(ofv_i), jnp.sum(grad_i, axis=0), eta, ebe, ofv_i, grad_i, eta_jac
+
+    return value_and_grad
+
+
+def one_subject_populations(pop):
+    """``pop`` with an extra axis: ``[subj, 1, ...]`` leaves, to be vmapped over its first axis.
+
+    Under `jax.vmap` each slice is a valid one-subject population (``n_subjects == 1``).
+    """
+    batched = jax.tree.map(lambda a: a[:, None], pop)
+    return dataclasses.replace(batched, ids=(pop.ids[0],))
