@@ -69,24 +69,52 @@ def assign_roles(table: pd.DataFrame, covariates: list[str] | None) -> TableRole
     return TableRoles(role_to_column, chosen)
 
 
+def _text(series: pd.Series) -> pd.Series:
+    """Every value as stripped text (vectorised; missing values stay missing)."""
+    return series.astype(object).where(series.notna(), None).astype("string").str.strip()
+
+
 def _missing(series: pd.Series) -> np.ndarray:
-    raw = series.astype(object)
-    return np.array([v is None or (isinstance(v, float) and np.isnan(v)) or
-                     (isinstance(v, str) and v.strip() in MISSING_TOKENS) or v is pd.NA for v in raw])
+    """True where a value is missing: NaN/None, or one of NONMEM's missing tokens ('.', blank, NA)."""
+    na = series.isna().to_numpy(bool)
+    if pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
+        return na
+    return na | _text(series).isin(MISSING_TOKENS).to_numpy(bool, na_value=False)
+
+
+def _parse_numbers(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(values as float with NaN where missing or not a number, missing mask); text is parsed once."""
+    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
+        values = series.to_numpy(float, na_value=np.nan)
+        return values, np.isnan(values)
+    values = pd.to_numeric(series.astype(object), errors="coerce").to_numpy(float, na_value=np.nan)
+    missing = np.zeros(len(series), bool)
+    failed = np.flatnonzero(np.isnan(values))
+    if failed.size:  # only the values that did not parse can be missing tokens
+        missing[failed] = _missing(series.iloc[failed])
+    return values, missing
 
 
 def _numeric(series: pd.Series, column: str, where: Locator) -> np.ndarray:
     """Parse a column as float; NONMEM's '.' and blanks are missing; any other text is an error."""
-    missing = _missing(series)
-    values = pd.to_numeric(series.astype(object).where(~missing, np.nan), errors="coerce").to_numpy(float)
+    values, missing = _parse_numbers(series)
     bad = np.flatnonzero(np.isnan(values) & ~missing)
     if bad.size:
         pos = int(bad[0])
         raise DataError(f"{where(pos)}, column {column}: non-numeric value {series.iloc[pos]!r}")
-    inf = np.flatnonzero(np.isinf(values))
-    if inf.size:
-        raise DataError(f"{where(int(inf[0]))}, column {column}: infinite value")
+    _check_finite(values, column, where)
     return values
+
+
+#: Larger magnitudes cannot be measurements or doses; they overflow the objective to infinity.
+ABSURD = 1e100
+
+
+def _check_finite(values: np.ndarray, column: str, where: Locator) -> None:
+    """Infinite values and absurd magnitudes (|x| > 1e100) are errors, not numbers to fit."""
+    _fail(np.isinf(values), where, f"column {column}: infinite value")
+    _fail(np.abs(np.nan_to_num(values)) > ABSURD, where,
+          f"column {column}: absurd magnitude (|value| > {ABSURD:g}); is it a missing-value code?")
 
 
 def _fail(mask: np.ndarray, where: Locator, message: str) -> None:
@@ -106,16 +134,14 @@ def _ids(table: pd.DataFrame, roles: TableRoles, where: Locator) -> np.ndarray:
         num = numeric.to_numpy(float)
         ids = num.astype(np.int64).astype(object) if np.all(num == np.round(num)) else num.astype(object)
     else:
-        ids = np.array([str(v).strip() for v in ids], dtype=object)
+        ids = _text(series).to_numpy(object)
     # a subject's records must be contiguous: NONMEM would silently start a new individual
-    change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
-    starts = [ids[0], *ids[change]] if len(ids) else []
-    seen: set = set()
-    for pos, sid in zip([0, *change.tolist()], starts, strict=True):
-        if sid in seen:
-            raise DataError(f"{where(pos)}, column {col}: subject {sid!r} appears again after other subjects' "
-                            "records; sort the table by ID so each subject's records are together")
-        seen.add(sid)
+    first = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1] if len(ids) else np.zeros(0, np.int64)
+    again = np.flatnonzero(pd.Series(ids[first]).duplicated().to_numpy())
+    if again.size:
+        pos = int(first[again[0]])
+        raise DataError(f"{where(pos)}, column {col}: subject {ids[pos]!r} appears again after other subjects' "
+                        "records; sort the table by ID so each subject's records are together")
     return ids
 
 
@@ -199,12 +225,19 @@ def _dvid(table: pd.DataFrame, roles: TableRoles, where: Locator) -> np.ndarray:
     if not roles.has("DVID"):
         return np.full(len(table), "DV", dtype=object)
     series = table[roles.role_to_column["DVID"]]
-    numeric = pd.to_numeric(series.astype(object), errors="coerce")
-    missing = _missing(series)
-    if numeric[~missing].notna().all():
-        vals = numeric.to_numpy(float)
-        return np.array(["" if np.isnan(v) else (str(int(v)) if v == int(v) else str(v)) for v in vals], object)
-    return np.array(["" if m else str(v).strip() for v, m in zip(series, missing, strict=True)], object)
+    values, missing = _parse_numbers(series)
+    if not np.any(np.isnan(values) & ~missing):  # numeric labels: 1.0 -> "1" (formatted once per value)
+        unique, inverse = np.unique(values, return_inverse=True)
+        text = np.array([_number_label(v) for v in unique], object)
+        return text[inverse.reshape(-1)]
+    return _text(series).where(~missing, "").to_numpy(object)
+
+
+def _number_label(value: float) -> str:
+    """A numeric DVID as its label: "" when missing, whole numbers without ".0"."""
+    if np.isnan(value):
+        return ""
+    return str(int(value)) if np.isfinite(value) and value == int(value) else str(value)
 
 
 def validate(table: pd.DataFrame, roles: TableRoles, where: Locator, *,
