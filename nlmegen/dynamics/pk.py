@@ -31,8 +31,14 @@ Dose semantics (NONMEM help: "SS data item", "SS dose event record", "RATE data 
   duration (rate ``F AMT / D``).
 - SS = 1 / 2 with II > 0: the dose is the last of infinitely many implied doses every II (ALAG and
   F apply to all of them), summed as geometric series; SS = 1 also drops every earlier dose.
-  SS > 0 with II = 0 and RATE != 0 is a constant infusion at steady state, running until the next
-  reset (F and ALAG do not apply).
+  SS > 0 with II = 0 and RATE != 0 (AMT = 0) is a constant infusion at steady state: the system
+  is at the infusion's steady state at the record time and the infusion then stops there (NONMEM
+  help, "SS dose event record": it "terminates at the event time of the SS dose record"), so the
+  level falls afterwards; F and ALAG do not apply.
+- ALAG, F and the modelled D and R may differ from one dose record to the next (NONMEM computes
+  them anew at every record): besides one value for all doses, ``[n_subjects]`` or ``{cmt: value}``,
+  they take one value per dose, ``[n_subjects, n_doses]`` aligned with ``pop.dose_times`` (ADDL
+  doses included).
 - EVID 3/4 resets (and SS = 1 doses) remove every earlier dose record from later observations,
   including lagged doses not yet given and infusions still running.
 """
@@ -123,10 +129,13 @@ def one_cmt(
         Clearance and volume.
     ka : scalar or ``[n_subjects]``, optional
         First-order absorption rate constant; when given, CMT 1 is a depot and CMT 2 central.
-    lag, f : scalar, ``[n_subjects]`` or ``{cmt: value}``
+    lag, f : scalar, ``[n_subjects]``, ``[n_subjects, n_doses]`` or ``{cmt: value}``
         Absorption lag time (ALAG) and bioavailability (F), for all doses or per dose compartment
-        (other compartments: lag 0, F 1).
-    duration, rate : scalar, ``[n_subjects]`` or ``{cmt: value}``, optional
+        (other compartments: lag 0, F 1). A ``[n_subjects, n_doses]`` value gives each dose record
+        its own (aligned with ``pop.dose_times``, ADDL doses included; padding is ignored), as
+        NONMEM's ALAG and F computed from each record's covariates. For a single subject, a
+        per-dose value is ``[n_doses]``.
+    duration, rate : same forms, optional
         Modelled infusion duration (D, for doses with RATE = -2) and rate (R, for RATE = -1).
 
     Returns
@@ -287,6 +296,7 @@ def _concentration(pop: Any, model: str, disposition: dict, doses: dict) -> Arra
     single = ev.times.ndim == 1
     if single:  # one subject, e.g. under jax.vmap over the population
         ev = _Events(*(x[None] for x in ev))
+        doses = {k: _one_subject(v) if k != "ka" else v for k, v in doses.items()}
     features = getattr(pop, "features", ALL_FEATURES)  # population-like objects: assume any kind
     conc = _superpose(model, ev, disposition, doses, features)
     return conc[0] if single else conc
@@ -324,11 +334,33 @@ def _superpose(model: str, ev: _Events, disposition: dict, doses: dict, features
     return jnp.sum(jnp.where(on, amount, 0.0) / vc, -1)
 
 
-def _per_dose(value: PerCmt | None, cmts: Array, default: float) -> Array:
-    """A dose-level parameter at every dose ``[S, D]``, from a value or a ``{cmt: value}`` map."""
+def _one_subject(value: PerCmt | None) -> PerCmt | None:
+    """A dose-level value of a single subject with the subject axis added to per-dose ``[D]``."""
+
+    def add(x: ArrayLike) -> Array:
+        x = jnp.asarray(x, dtype=float)
+        return x[None] if x.ndim == 1 else x
+
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {cmt: add(v) for cmt, v in value.items()}
+    return add(value)
+
+
+def _per_dose(value: PerCmt | None, cmts: Array, default: float, name: str = "a dose parameter") -> Array:
+    """A dose-level parameter at every dose ``[S, D]``, from a value or a ``{cmt: value}`` map.
+
+    A value is a scalar, ``[S]`` (per subject) or ``[S, D]`` (per dose record: NONMEM computes
+    ALAG, F, R and D anew at every dose record).
+    """
 
     def column(x: ArrayLike) -> Array:
         x = jnp.asarray(x, dtype=float)
+        if x.ndim > 2 or (x.ndim == 2 and x.shape[1] != cmts.shape[1]):
+            raise ValueError(
+                f"{name}: shape {x.shape} is neither a scalar, [n_subjects] nor per dose, "
+                f"[n_subjects, n_doses] with n_doses = {cmts.shape[1]} (pop.dose_times.shape[1])")
         return x[:, None] if x.ndim == 1 else x
 
     if value is None:
@@ -348,13 +380,13 @@ def _dose_inputs(
     """Resolve NONMEM dose coding (RATE, SS, II, F, ALAG, D, R) into operator inputs and a mask.
 
     NONMEM keeps a given RATE and lets F change the duration (RATE > 0: ``T = F AMT / RATE``;
-    RATE = -1: ``T = F AMT / R``; RATE = -2: ``RATE = F AMT / D``). F does not apply to a
-    steady-state constant infusion (NONMEM help, "bioavailability fraction parameter").
+    RATE = -1: ``T = F AMT / R``; RATE = -2: ``RATE = F AMT / D``). F and ALAG do not apply to a
+    steady-state constant infusion (NONMEM help, "bioavailability fraction parameter", "SS dose
+    event record"): it acts at the record time.
     """
     cmts = ev.dose_cmts
-    lag_d = _per_dose(lag, cmts, 0.0)
-    amt = _per_dose(f, cmts, 1.0) * ev.dose_amts
-    d1, r1 = _per_dose(duration, cmts, 1.0), _per_dose(rate, cmts, 1.0)
+    amt = _per_dose(f, cmts, 1.0, "f") * ev.dose_amts
+    d1, r1 = _per_dose(duration, cmts, 1.0, "duration"), _per_dose(rate, cmts, 1.0, "rate")
     raw = ev.dose_rates.astype(float)
     given, modelled = (raw > 0) | (raw == -1), raw == -2
     rate_d = jnp.where(raw > 0, raw, jnp.where(raw == -1, r1, amt / jnp.where(modelled, d1, 1.0)))
@@ -362,6 +394,7 @@ def _dose_inputs(
     bolus = ~(given | modelled)
     ss = ev.dose_ss > 0
     steady, const = ss & (ev.dose_ii > 0), ss & (ev.dose_ii <= 0) & given
+    lag_d = jnp.where(const, 0.0, _per_dose(lag, cmts, 0.0, "lag"))
     ii = jnp.where(steady, ev.dose_ii, 1.0)
     t_obs, i_obs = ev.times[:, :, None], ev.obs_index[:, :, None]
     t_dose, i_dose = ev.dose_times[:, None, :], ev.dose_index[:, None, :]
@@ -412,7 +445,8 @@ def _response(r: Array, d: _Doses) -> Array:
     sum over implied doses at ``s_n = tau + n II``, ``n >= n0`` (``n0`` skips doses still in their
     lag time), whose running part is a finite geometric sum (doses ``n0 .. n1-1``, several when
     ``T > II``) and whose finished part an infinite one (Gibaldi & Perrier 1982, ch. 3; ADVAN SS
-    routines). Constant infusion at steady state: ``R / r``.
+    routines). Constant infusion at steady state, stopped at the record time (NONMEM): ``R / r``
+    at the record, decaying as ``R / r exp(-r s)`` after it.
     """
     tau, ii, dur = d.tau, d.ii, d.dur
     n0 = jnp.where(d.steady & (tau < 0.0), jnp.ceil(-tau / ii), 0.0)
@@ -429,7 +463,8 @@ def _response(r: Array, d: _Doses) -> Array:
     )
     done = jnp.exp(-r * jnp.maximum(s1 - dur, 0.0)) * jnp.where(d.steady, tail, 1.0 - m)
     infusion = d.rate / r * (running - jnp.expm1(-r * dur) * done)
-    return jnp.where(d.const, d.rate / r, jnp.where(d.bolus, bolus, infusion))
+    const = d.rate / r * jnp.exp(-r * jnp.maximum(tau, 0.0))
+    return jnp.where(d.const, const, jnp.where(d.bolus, bolus, infusion))
 
 
 def _bolus_divided_difference(amt: Array, s: Array, lam: Array, ka: Array) -> tuple[Array, Array]:

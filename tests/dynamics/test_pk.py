@@ -200,8 +200,7 @@ def reference(recs: list[dict], p: dict, oral: bool, lag=None, f=None, dur=None,
                 sim.clear()
             b = np.zeros(len(k))
             b[cmt - 1] = r
-            sim.x += np.linalg.solve(k, -b)
-            sim.infusion.append((-np.inf, np.inf, cmt - 1, r))
+            sim.x += np.linalg.solve(k, -b)  # it then stops at the record time (NONMEM)
             continue
         if ss:  # brute-force steady state: N implied doses before this one
             lam_min = np.min(-np.linalg.eigvals(k).real)
