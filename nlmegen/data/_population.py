@@ -90,6 +90,10 @@ class Population(eqx.Module):
         ``"censoring"`` when some observation is censored (static). The dynamics and the
         observation model leave out the code for kinds that never occur, which keeps compiled
         programs small and fast even when the population is a `jax.jit` argument. Defaults to all.
+    dv_missing : ``[subj, obs]`` bool or None
+        True on observation records read without a DV (``read_nonmem(..., allow_missing_dv=True)``,
+        for simulation designs); their ``dv`` is 0. None when every observation has its value.
+        Fitting refuses a population with missing DVs (see :func:`nlmegen.data.check_observed`).
     """
 
     times: Float[Array, "subj obs"]
@@ -125,6 +129,7 @@ class Population(eqx.Module):
     categories: tuple = eqx.field(static=True, default=())
     columns: tuple = eqx.field(static=True, default=())
     features: frozenset = eqx.field(static=True, default=ALL_FEATURES)
+    dv_missing: Bool[Array, "subj obs"] | None = None
 
     # ------------------------------------------------------------------ sizes and look-ups
     @property
@@ -222,6 +227,13 @@ class Population(eqx.Module):
         from ._edit import with_regimen
 
         return with_regimen(self, doses, ids=ids)
+
+    def check_observed(self) -> None:
+        """Raise `DataError` naming observation records without a DV (read with ``allow_missing_dv``):
+        fitting them would fit zeros as measurements. Every fitting backend calls this."""
+        from ._checks import check_observed
+
+        check_observed(self)
 
     def __repr__(self) -> str:  # short: the arrays can be large
         return (

@@ -26,6 +26,7 @@ def read_nonmem(
     interpolation: str | Mapping[str, str] = "nocb",
     allow_missing_dv: bool = False,
     require_observations: bool = False,
+    allow_sentinel_dv: bool = False,
 ) -> Population:
     """Read a NONMEM-style event table into a padded, masked :class:`Population`.
 
@@ -43,9 +44,13 @@ def read_nonmem(
         interval that ends at it) or ``"locf"`` (last observation carried forward). One string for
         every covariate or a mapping name -> rule (unnamed covariates use ``"nocb"``).
     allow_missing_dv
-        Accept observation records without DV (simulation designs: virtual subjects).
+        Accept observation records without DV (simulation designs: virtual subjects). They are
+        marked in ``pop.dv_missing``; fitting such a population raises a `DataError` naming them.
     require_observations
         Raise if a subject has no observation record (what fitting needs).
+    allow_sentinel_dv
+        Accept a DV of -99, -999, -9999 or -99999 on an observation record as a measured value
+        (by default it is refused as a missing-value code).
 
     Returns
     -------
@@ -63,6 +68,13 @@ def read_nonmem(
     - Censoring: BLQ = 1 or CENS = 1 marks a left-censored record (limit: LLOQ, or DV when there is
       no LLOQ column); CENS = -1 a right-censored one (limit: DV). With an LLOQ column and neither
       flag, observations with DV below LLOQ (or missing) are left-censored.
+    - Outputs: one per DVID value; without a DVID column, one per CMT of the observation records
+      when they are in several compartments (NONMEM/nlmixr2), labelled "2", "3", ...; else "DV".
+    - Refused (DataError): duplicate column names, AMT on a record that is not a dose, EVID 101
+      with a CMT other than 1, AMT > 0 on a steady-state constant infusion, an observation without
+      DVID (or CMT) when others have one, infinite values or magnitudes above 1e100, more than
+      10,000 doses per subject after ADDL expansion, an empty file. A stray delimiter at the end
+      of every row of a CSV file is ignored.
     - Text covariates are coded 0, 1, ... in sorted label order (kept in ``pop.categories``).
     - A covariate constant within every subject is ``[subj]``; otherwise ``[subj, obs]`` at the
       observation times (and every record's value in ``pop.cov_values``).
@@ -83,9 +95,10 @@ def read_nonmem(
     roles = assign_roles(table, list(covariates) if covariates is not None else None)
     where = Locator(tuple(table.index), path)
     rules = _interpolation_rules(interpolation, roles.covariates)
-    records = validate(table, roles, where, allow_missing_dv=allow_missing_dv)
+    records = validate(table, roles, where, allow_missing_dv=allow_missing_dv, allow_sentinel_dv=allow_sentinel_dv)
     cov_frame, categories = _parse_covariates(table, roles.covariates, where)
     records = pd.concat([records, cov_frame], axis=1)
+    _check_expansion(records, roles, where)
     records = _expand_addl(records)
     records = _fill_covariates(records, roles.covariates, rules, where)
     if require_observations:
@@ -94,18 +107,57 @@ def read_nonmem(
 
 
 def _load(source: Any) -> tuple[pd.DataFrame, str | None]:
+    """The raw table (every value as text when read from a file) and the file's path, if any."""
     if isinstance(source, pd.DataFrame):
+        _check_unique_names([str(c).strip() for c in source.columns], None)
         return source, None
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such data file: {path}")
-        try:  # read everything as text first: parsing, and its errors, are ours
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-        except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            raise DataError(f"{path} is not a readable CSV table: {err}") from err
-        return table, path
+        return _read_csv(path), path
     raise TypeError(f"read_nonmem takes a CSV path or a pandas DataFrame, not {type(source).__name__}")
+
+
+_CSV_OPTIONS = dict(dtype=str, keep_default_na=False, skipinitialspace=True)
+
+
+def _read_csv(path: str) -> pd.DataFrame:
+    """Read a CSV file as text; refuse what pandas would silently rename, shift or fail on obscurely."""
+    try:  # read everything as text first: parsing, and its errors, are ours
+        header = pd.read_csv(path, header=None, nrows=1, **_CSV_OPTIONS).iloc[0].tolist()
+        table = pd.read_csv(path, **_CSV_OPTIONS)
+    except pd.errors.EmptyDataError as err:
+        raise DataError(f"{path} is empty: a data file needs a header line (ID, TIME, DV, ...) and records") from err
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not a readable CSV table: {err}") from err
+    _check_unique_names([str(c).strip() for c in header], path)
+    if not isinstance(table.index, pd.RangeIndex):  # rows have one field more than the header
+        table = _drop_trailing_field(table, header, path)
+    return table
+
+
+def _check_unique_names(names: list[str], path: str | None) -> None:
+    """Two columns of one name: pandas would read the second as 'DV.1' and nobody would use it."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            where = f"line 1 of {path}: " if path else ""
+            raise DataError(f"{where}columns {seen[name] + 1} and {i + 1} are both named {name!r}; rename or "
+                            "remove one (only one column may hold each role or covariate)")
+        seen[name] = i
+
+
+def _drop_trailing_field(table: pd.DataFrame, header: list, path: str) -> pd.DataFrame:
+    """Rows ending in a stray delimiter: pandas takes their first field as an index. Undo that when
+    the extra last field is empty on every row; otherwise the rows really have more values than names."""
+    last = table.iloc[:, -1].astype(str).str.strip()
+    if (last != "").any():
+        pos = int(np.flatnonzero((last != "").to_numpy())[0])
+        raise DataError(f"row {pos} (line {pos + 2} of {path}): the records have {len(header) + 1} fields but "
+                        f"the header names {len(header)} columns; add the missing column name")
+    values = np.column_stack([table.index.to_numpy(object), table.iloc[:, :-1].to_numpy(object)])
+    return pd.DataFrame(values, columns=[str(h) for h in header]).astype(str)
 
 
 def _interpolation_rules(interpolation: str | Mapping[str, str], names: Sequence[str]) -> dict[str, str]:
@@ -143,6 +195,33 @@ def _parse_covariates(table: pd.DataFrame, names: Sequence[str], where: Locator)
         _check_finite(numeric, name, where)
         columns[name] = numeric
     return pd.DataFrame(columns, index=range(len(table))), tuple(categories)
+
+
+#: More doses than this per subject (after ADDL expansion) are refused: every prediction is a sum over
+#: doses, so the working arrays grow as subjects x observations x doses (1e5 doses crashed XLA).
+MAX_DOSES_PER_SUBJECT = 10_000
+
+
+def _check_expansion(records: pd.DataFrame, roles, where: Locator) -> None:
+    """Refuse ADDL that would expand beyond MAX_DOSES_PER_SUBJECT, with the count and the memory."""
+    ids = records["ID"].to_numpy(object)
+    subj = np.cumsum(np.r_[True, ids[1:] != ids[:-1]]) - 1
+    dose = np.isin(records["EVID"].to_numpy(), (1, 4))
+    addl = records["ADDL"].to_numpy(np.int64)
+    n_dose = np.bincount(subj, weights=dose * (1.0 + addl))
+    worst = int(np.argmax(n_dose))
+    if n_dose[worst] <= MAX_DOSES_PER_SUBJECT:
+        return
+    n_obs = max(1, int(np.bincount(subj, weights=records["EVID"].to_numpy() == 0).max()))
+    n_subj, n_doses = int(subj[-1]) + 1, int(np.max(n_dose))
+    tables = 8 * n_subj * n_doses * 8 / 2**30  # eight padded [subj, dose] arrays of 8 bytes
+    working = 8 * n_subj * n_obs * n_doses / 2**30  # one [subj, obs, dose] array of predictions
+    pos = int(np.flatnonzero(subj == worst)[np.argmax(addl[subj == worst])])
+    raise DataError(f"{where(int(records['POS'].iloc[pos]))}, column {roles.role_to_column.get('ADDL', 'ADDL')}: "
+                    f"ADDL {addl[pos]} expands subject {ids[pos]!r} to {int(n_dose[worst]):,} doses (at most "
+                    f"{MAX_DOSES_PER_SUBJECT:,} per subject): the padded dose arrays would take {tables:.2g} GiB and "
+                    f"each [subjects x observations x doses] prediction array {working:.2g} GiB; for a long regimen "
+                    "give a steady-state dose (SS=1 with II) before the observations instead")
 
 
 def _expand_addl(records: pd.DataFrame) -> pd.DataFrame:
@@ -286,6 +365,7 @@ def _build(records: pd.DataFrame, roles, rules: dict, categories: tuple, columns
         reset_index=reset(key - (evid == 4), -1, i64),
         cov_times=record(time, last_time, f64), cov_mask=record(true, False, bool),
     )
+    missing = obs(np.isnan(col("DV", f64)) & (col("CENS", i64) == 0), False, bool)
     cov_values, covs = {}, {}
     for name in roles.covariates:
         values = col(name, f64)
@@ -300,7 +380,7 @@ def _build(records: pd.DataFrame, roles, rules: dict, categories: tuple, columns
         covariates={k: jnp.asarray(v) for k, v in covs.items()},
         cov_values={k: jnp.asarray(v) for k, v in cov_values.items()},
         ids=ids, outputs=outputs, interpolation=tuple(rules.items()), categories=categories, columns=columns,
-        features=_features(arrays),
+        features=_features(arrays), dv_missing=jnp.asarray(missing) if missing.any() else None,
     )
 
 

@@ -172,7 +172,13 @@ def _check_doses(num: dict, evid: np.ndarray, roles: TableRoles, where: Locator)
     dose = np.isin(evid, (1, 4, 101))
     amt, rate, ii, addl, ss = num["AMT"], num["RATE"], num["II"], num["ADDL"], num["SS"]
     _fail(amt < 0, where, f"column {name('AMT', 'AMT')}: negative amount")
+    _fail(~dose & (amt != 0), where,
+          f"column {name('AMT', 'AMT')}: conflicting AMT on a record that is not a dose (EVID 0 observation, "
+          "2 other or 3 reset); give the dose EVID 1 (or 4), or set AMT to 0 or '.'")
     const_infusion = (ss == 1) & (ii == 0) & (rate > 0)
+    _fail(dose & const_infusion & (amt > 0), where,
+          f"columns {name('SS', 'SS')}/{name('AMT', 'AMT')}: conflicting AMT > 0 on a steady-state constant "
+          "infusion (SS=1, II=0, RATE>0); NONMEM requires AMT=0 there: the RATE alone defines it")
     _fail(dose & (np.isnan(amt) | ((amt == 0) & ~const_infusion)) if roles.has("AMT") else dose,
           where, f"column {name('AMT', 'AMT')}: dose record (EVID {{1,4}}) without an amount")
     _fail(~np.isin(ss, (0, 1, 2)), where, f"column {name('SS', 'SS')}: SS must be 0, 1 or 2")
@@ -233,6 +239,43 @@ def _dvid(table: pd.DataFrame, roles: TableRoles, where: Locator) -> np.ndarray:
     return _text(series).where(~missing, "").to_numpy(object)
 
 
+def _outputs(table: pd.DataFrame, obs: np.ndarray, cmt: np.ndarray, roles: TableRoles,
+             where: Locator) -> np.ndarray:
+    """Each record's output label: its DVID; without DVID, its CMT when observations are in several
+    compartments (NONMEM/nlmixr2: the compartment tells PK from PD), else the single output "DV"."""
+    labels = _dvid(table, roles, where)
+    if roles.has("DVID") and (obs & (labels != "")).any():
+        _fail(obs & (labels == ""), where,
+              f"column {roles.role_to_column['DVID']}: observation without a DVID while other observations "
+              "have one; give every observation its output")
+        return labels
+    compartments = np.unique(cmt[obs & ~np.isnan(cmt)])
+    if compartments.size < 2:
+        return np.full(len(table), "DV", dtype=object)
+    found = ", ".join(_number_label(c) for c in compartments)
+    _fail(obs & np.isnan(cmt), where,
+          f"column {roles.role_to_column.get('CMT', 'CMT')}: observation without a CMT while other "
+          f"observations are in compartments {found} (with no DVID column, CMT tells the outputs apart); "
+          "give its CMT, or add a DVID column naming each observation's output")
+    unique, inverse = np.unique(np.nan_to_num(cmt), return_inverse=True)
+    by_cmt = np.array([_number_label(c) for c in unique], object)[inverse.reshape(-1)]
+    return np.where(obs, by_cmt, "DV").astype(object)
+
+
+#: Values NONMEM data sets use for "missing" that would otherwise be fitted as measurements.
+SENTINELS = (-99.0, -999.0, -9999.0, -99999.0)
+
+
+def _check_sentinels(dv: np.ndarray, observed: np.ndarray, roles: TableRoles, where: Locator) -> None:
+    """A DV of -99 (or -999, ...) on an observation is almost always a missing-value code."""
+    col = roles.role_to_column["DV"]
+    bad = np.flatnonzero(observed & np.isin(dv, SENTINELS))
+    if bad.size:
+        raise DataError(f"{where(int(bad[0]))}, column {col}: DV {dv[bad[0]]:g} on an observation record looks "
+                        "like a missing-value code; write '.' (with MDV=1 or EVID=2 if it is not an observation), "
+                        "or read with allow_sentinel_dv=True if it is a measured value")
+
+
 def _number_label(value: float) -> str:
     """A numeric DVID as its label: "" when missing, whole numbers without ".0"."""
     if np.isnan(value):
@@ -241,7 +284,7 @@ def _number_label(value: float) -> str:
 
 
 def validate(table: pd.DataFrame, roles: TableRoles, where: Locator, *,
-             allow_missing_dv: bool = False) -> pd.DataFrame:
+             allow_missing_dv: bool = False, allow_sentinel_dv: bool = False) -> pd.DataFrame:
     """Check a raw event table and return the canonical record table (see module docstring)."""
     if len(table) == 0:
         raise DataError("the table has no rows")
@@ -265,17 +308,23 @@ def validate(table: pd.DataFrame, roles: TableRoles, where: Locator, *,
     _check_doses(num, evid, roles, where)
     cmt = num["CMT"]
     dose = np.isin(evid, (1, 4, 101))
+    _fail((evid == 101) & ~np.isnan(cmt) & (cmt != 1), where,
+          f"column {roles.role_to_column.get('CMT', 'CMT')}: conflicting CMT on an EVID 101 record (rxode2's "
+          "dose into CMT 1); use EVID 1 with the CMT meant, or CMT 1")
     cmt = np.where(evid == 101, 1, cmt)
     cmt = np.where(dose & np.isnan(cmt), 1, cmt)
     ccol = roles.role_to_column.get("CMT", "CMT")
     _fail(dose & ((cmt < 1) | (cmt != np.round(cmt))), where,
           f"column {ccol}: dose compartment must be a positive whole number (NONMEM numbering, 1 = first)")
-    cens, limit = _censoring(num, np.where(evid == 101, 1, evid), roles, where, allow_missing_dv)
+    evid = np.where(evid == 101, 1, evid)
+    cens, limit = _censoring(num, evid, roles, where, allow_missing_dv)
+    if not allow_sentinel_dv:
+        _check_sentinels(num["DV"], (evid == 0) & (cens == 0), roles, where)
     out = pd.DataFrame({
         "ID": ids, "TIME": time, "DV": num["DV"], "AMT": num["AMT"],
-        "EVID": np.where(evid == 101, 1, evid), "CMT": np.nan_to_num(cmt, nan=0).astype(np.int64),
+        "EVID": evid, "CMT": np.nan_to_num(cmt, nan=0).astype(np.int64),
         "RATE": num["RATE"], "II": num["II"], "ADDL": num["ADDL"].astype(np.int64),
-        "SS": num["SS"].astype(np.int64), "DVID": _dvid(table, roles, where),
+        "SS": num["SS"].astype(np.int64), "DVID": _outputs(table, evid == 0, cmt, roles, where),
         "CENS": cens, "LIMIT": limit, "POS": np.arange(n),
     })
     return out

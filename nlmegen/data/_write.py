@@ -46,6 +46,8 @@ def population_to_pandas(pop) -> pd.DataFrame:
         "times", "dv", "mask", "dvid", "obs_cmt", "cens", "limit", "obs_index", "dose_times", "dose_amts",
         "dose_cmts", "dose_rates", "dose_ii", "dose_ss", "dose_mask", "dose_index", "reset_times",
         "reset_mask", "reset_index", "cov_times", "cov_mask")}
+    if getattr(pop, "dv_missing", None) is not None:  # written as missing, so they stay missing on reading
+        arr["dv"] = np.where(np.asarray(pop.dv_missing), np.nan, arr["dv"])
     covs = {k: np.asarray(v) for k, v in pop.cov_values.items()}
     cats = dict(pop.categories)
     records = []
