@@ -118,6 +118,7 @@ class FO(Laplace):
 # --------------------------------------------------------------------------------------------
 def check_population(pop) -> None:
     """Fitting needs at least one observation per subject: name the subjects that have none."""
+    pop.check_observed()
     counts = np.asarray(pop.mask).sum(axis=1)
     empty = [pop.ids[i] for i in np.flatnonzero(counts == 0)]
     if empty:
