@@ -59,7 +59,11 @@ def with_regimen(pop, doses: Any, *, ids: Sequence[Any] | None = None):
     id_col, evid_col = names["ID"], names["EVID"]
     target = table[id_col].isin(chosen)
     table = table[~(target & (table[evid_col] == 1))].copy()
-    table.loc[target & (table[evid_col] == 4), evid_col] = 3  # keep the reset, drop its dose
+    reset_dose = target & (table[evid_col] == 4)
+    table.loc[reset_dose, evid_col] = 3  # keep the reset, drop its dose (a reset carries no dose items)
+    for role in ("AMT", "RATE", "II", "SS"):
+        if names[role] in table.columns:
+            table.loc[reset_dose, names[role]] = 0
     new_rows = []
     for sid in chosen:
         rows = regimen[regimen["ID"] == sid] if "ID" in regimen.columns else regimen

@@ -244,3 +244,12 @@ def test_every_new_error_is_a_data_error_not_a_crash(tmp_path):
         nlmegen.read_nonmem(write(tmp_path, "ID,TIME,DV,DV\n1,0,1,2\n"))
     with pytest.raises(DataError):
         nlmegen.read_nonmem(pd.DataFrame({"ID": [1], "TIME": [0.0], "DV": [-99.0]}))
+
+
+def test_with_regimen_on_a_reset_and_dose_record_keeps_a_clean_reset():
+    df = pd.DataFrame({"ID": [1] * 4, "TIME": [0.0, 1.0, 2.0, 3.0], "DV": [".", 1.0, ".", 2.0],
+                       "AMT": [10.0, 0, 20.0, 0], "EVID": [1, 0, 4, 0], "RATE": [0.0, 0, 5.0, 0]})
+    new = nlmegen.read_nonmem(df).with_regimen([{"TIME": 0.5, "AMT": 7.0}])
+    out = new.to_pandas()
+    assert out["EVID"].tolist() == [1, 0, 3, 0]
+    assert out["AMT"].tolist() == [7.0, 0.0, 0.0, 0.0]
