@@ -21,12 +21,13 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pandas as pd
+from flax import nnx
 
 from .data import Population, read_nonmem
 from .dynamics import ode, pk
-from .model import additive, combined, observe, proportional, subjects
+from .model import additive, combined, nn, observe, proportional, subjects
 
-__all__ = ["IDR_TRUTH", "WARFARIN_ETAS", "idr_model", "idr_population", "idr_rhs", "simulate_idr", "theo_model",
+__all__ = ["IDR_TRUTH", "MLP", "WARFARIN_ETAS", "idr_model", "idr_nn_model", "idr_population", "idr_rhs", "simulate_idr", "theo_model",
            "theo_model_full", "theo_model_kacl", "warfarin_model", "warfarin_rhs"]
 
 
@@ -125,6 +126,65 @@ def idr_model(pop: Population) -> None:
         conc = states[..., 1] / p["vc"][:, None]
         observe("conc", proportional(conc, sigma_conc), pop, output="conc")
         observe("resp", additive(states[..., 2], sigma_resp), pop, output="resp")
+
+
+class MLP(nnx.Module):
+    """A small multilayer perceptron: tanh hidden layers, linear output; ``sizes = (in, *hidden, out)``."""
+
+    def __init__(self, sizes: tuple[int, ...], *, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = jnp.tanh(layer(x))
+        return self.layers[-1](x)
+
+
+def idr_nn_model(hidden: tuple[int, ...] = (16, 16), *, n_eta_nn: int = 0, seed: int = 0, rtol: float = 1e-6,
+                 atol: float = 1e-9):
+    """The IDR model with a neural drug effect: a universal differential equation, or DeepNLME.
+
+    ``dR/dt = kin (1 + NN(C, eta_nn)) - kout R`` with ``NN`` an :class:`MLP` of the concentration
+    ``C = Central / Vc`` (and, with ``n_eta_nn > 0``, of that many extra random effects: DeepNLME,
+    the seeds' "random effects as network inputs"). PK as in :func:`idr_model`; log-normal IIV on
+    ka and kout (``eta[..., 0:2]``), ``eta[..., 2:]`` go to the network. The network's weights are
+    the population site ``effect$params``; population parameters ``log_ka, log_cl, log_vc,
+    log_kin, log_kout``, ``omega`` (``2 + n_eta_nn``), ``sigma_conc``, ``sigma_resp``.
+
+    Returns the model function (a NumPyro program); ``model.net`` is the initial network.
+    """
+    net = MLP((1 + n_eta_nn, *hidden, 1), rngs=nnx.Rngs(seed))
+    names = ("ka", "cl", "vc", "kin", "kout")
+    centres = (0.0, 0.7, 3.0, 2.3, -0.7)
+
+    def rhs_of(effect):
+        def rhs(t, y, p):
+            c = y[1] / p["vc"]
+            h = effect(jnp.concatenate([c[None], p["eta_nn"]]))[0]
+            return jnp.stack([-p["ka"] * y[0], p["ka"] * y[0] - p["cl"] / p["vc"] * y[1],
+                              p["kin"] * (1.0 + h) - p["kout"] * y[2]])
+        return rhs
+
+    def model(pop: Population) -> None:
+        logs = {k: numpyro.sample(f"log_{k}", dist.Normal(c, 2.0)) for k, c in zip(names, centres, strict=True)}
+        omega = numpyro.sample("omega", dist.HalfNormal(jnp.ones(2 + n_eta_nn)).to_event(1))
+        sigma_conc = numpyro.sample("sigma_conc", dist.HalfNormal(1.0))
+        sigma_resp = numpyro.sample("sigma_resp", dist.HalfNormal(5.0))
+        effect = nn("effect", net)
+        with subjects(pop):
+            eta = numpyro.sample("eta", dist.Normal(0.0, omega).to_event(1))
+            shape = (pop.n_subjects,)
+            p = {k: jnp.broadcast_to(jnp.exp(logs[k]), shape) for k in names}
+            p["ka"] = p["ka"] * jnp.exp(eta[..., 0])
+            p["kout"] = p["kout"] * jnp.exp(eta[..., 1])
+            p["eta_nn"] = eta[..., 2:]
+            states = ode.solve(rhs_of(effect), pop, p, y0=_idr_y0, rtol=rtol, atol=atol)
+            conc = states[..., 1] / p["vc"][:, None]
+            observe("conc", proportional(conc, sigma_conc), pop, output="conc")
+            observe("resp", additive(states[..., 2], sigma_resp), pop, output="resp")
+
+    model.net = net
+    return model
 
 
 def idr_population(

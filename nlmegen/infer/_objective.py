@@ -217,7 +217,10 @@ class Objective:
     # OFV needs (f, g = df/deta, V, dV/deta, log densities and their eta-gradients) comes out of that
     # run, and it can be differentiated in reverse mode with respect to theta.
     def local(self, theta: Array, eta: Array, pop, var0: Array | None = None, adjoint=None) -> Local:
-        """Joint log density, its eta-gradient and the method's curvature ``A_i`` from one model run."""
+        """Joint log density, its eta-gradient and the method's curvature ``A_i`` from one model run.
+
+        FOCE freezes the residual variances at ``var0`` (without it, at ``eta``: how ``var0`` is found).
+        """
         if self.method == "laplace":
             raise ModelError("the sensitivity engine covers FO, FOCE and FOCEI; Laplace uses the forward engine")
 
@@ -230,7 +233,7 @@ class Objective:
         mask, y = aux["mask"], aux["y"]
         g, dvar = cols["f"], cols["var"]
         w0 = None
-        if self.method == "foce":  # frozen variances: Gaussian log-likelihood and its gradient at var0
+        if self.method == "foce" and var0 is not None:  # frozen variances: log-likelihood and gradient at var0
             loglik = _gaussian_loglik(y, vals["f"], var0, mask)
             w0 = jnp.where(mask, 1.0 / jnp.where(mask, var0, 1.0), 0.0)
             grad = jnp.einsum("so,so,sok->sk", w0, jnp.where(mask, y - vals["f"], 0.0), g) + cols["prior"]
