@@ -9,24 +9,33 @@ Dose semantics follow NONMEM: a bolus (RATE 0) adds ``F * AMT`` at ``TIME + ALAG
 adds ``RATE`` to the compartment's derivative over ``F * AMT / RATE`` (F changes the duration);
 RATE = -2 infuses ``F * AMT`` over the modelled ``duration``, RATE = -1 at the modelled ``rate``.
 Records at the same time act in record order: an observation sees a same-time bolus only if the dose
-record came first. A reset (EVID 3/4) sets the state to ``y0`` and stops running infusions. The
-system starts from ``y0`` at the subject's first record.
+record came first. A reset (EVID 3/4) sets the state to ``y0`` and cancels every earlier dose record
+still under way: running infusions stop, and lagged doses not yet due are never given (as for SS = 1,
+NONMEM help, "SS data item": "infusions in progress or pending additional doses are cancelled"). The system starts from
+``y0`` at the subject's first record. ALAG, F and the modelled duration and rate may differ from one
+dose record to the next, as NONMEM computes them at every record: pass ``[n_subjects, n_doses]``.
 
-Steady state: SS = 1 resets (as above) and sets the state at the record time to that of an infinite
-train of this dose every ``II`` (with its lag, so the record time is a point of the dosing cycle);
-the dose itself is then given as usual. SS = 1 with ``II = 0`` and an infusion sets the steady state
-of a constant infusion, which keeps running. SS = 2 adds the steady-state deviation (fixed point
-minus ``y0``) to the current state without a reset: superposition, exact only for linear systems.
-Infusions of the train still running after the record time are continued; this is exact when
-``ALAG + duration <= 2 * II`` (older overlapping infusions are dropped) and needs ``ALAG < II``. A
-steady state must exist (no state growing without bound, such as a cumulative AUC state); otherwise
-the subject fails with :data:`SS_FAILED`.
+Steady state (NONMEM help, "SS dose event record"): an SS dose is the last of an infinite train of
+implied doses every ``II``, ALAG and F applying to all of them. SS = 1 resets (as above) and sets
+the state at the record time to that of the train (with its lag, so the record time is a point of the
+dosing cycle); the implied doses then go on as transient doses (infusions still running at the record
+time continue to their end, and with ``ALAG >= II`` implied doses still due after the record time are
+given), and the record's own dose is given as usual. Up to 4 implied doses are continued, which covers
+``ALAG + duration <= 5 * II`` (up to 5 overlapping infusions); a longer train fails the subject with
+:data:`SS_UNSUPPORTED` rather than give a wrong solution. SS = 1 with ``II = 0`` and an infusion
+(``AMT = 0``) sets the steady state of a constant infusion, which then stops at the record time
+(NONMEM: it "terminates at the event time of the SS dose record"), so the level falls afterwards.
+SS = 2 adds the steady-state deviation (fixed point minus ``y0``) to the current state without a
+reset: superposition, exact only for linear systems. A steady state must exist (no state growing
+without bound, such as a cumulative AUC state); otherwise the subject fails with :data:`SS_FAILED`.
 
 How it works: each subject's events (effective dose times ``TIME + ALAG``, infusion ends, steady-state
-resets, EVID 3/4 resets, observation times) are merged into one grid, sorted by time and then by
-record order (`jax.numpy.lexsort`, so that lag times and durations may be parameters); a
-`jax.lax.scan` over the grid runs one ``diffeqsolve`` per segment, with the infusion rates constant
-within it, applies bolus jumps and resets at grid points and records the observed states. Subjects
+resets, the implied doses of steady-state trains after their record, EVID 3/4 resets, observation
+times) are merged into one grid, sorted by time and then by record order (`jax.numpy.lexsort`, so
+that lag times and durations may be parameters); each dose record's events count up to the first
+reset whose record follows it; a `jax.lax.scan` over the grid runs one ``diffeqsolve`` per segment,
+with the infusion rates constant within it, applies bolus jumps and resets at grid points and records
+the observed states. Subjects
 are mapped with `jax.vmap`. Event records are data: new parameter values never recompile (wrap the
 caller in `jax.jit`; ``solve`` itself is a traceable function).
 
@@ -61,12 +70,15 @@ from . import _sensitivity
 if TYPE_CHECKING:
     from ..data import Population
 
-__all__ = ["NON_FINITE", "SS_FAILED", "forward_mode", "solve"]
+__all__ = ["NON_FINITE", "SS_FAILED", "SS_UNSUPPORTED", "forward_mode", "solve"]
 
 #: Status code: the steady-state fixed point did not converge (or was not finite).
 SS_FAILED = 100
 #: Status code: every solve reported success but some state came out NaN or infinite.
 NON_FINITE = 101
+#: Status code: a steady-state dose whose train reaches too far past its record (ALAG + duration
+#: over 5 dosing intervals): more implied doses than the event grid continues (see `solve`).
+SS_UNSUPPORTED = 102
 
 # segments are short: 64 checkpoints (not diffrax's default sqrt(max_steps)) made IDR gradients
 # 1.6x faster, with 7x less memory
@@ -121,7 +133,7 @@ class _Doses(NamedTuple):
     amt: Array  # F * AMT
     cmt: Array  # 0-based state index
     rate: Array  # infusion rate (0 for a bolus)
-    dur: Array  # infusion duration (0 for a bolus, inf for a steady-state constant infusion)
+    dur: Array  # infusion duration (0 for a bolus and for a steady-state constant infusion)
     ii: Array
     ss: Array
     valid: Array
@@ -165,7 +177,9 @@ def solve(
         depends on the parameters, e.g. ``R0 = kin / kout``).
     lag, f : optional
         Absorption lag (ALAG, default 0) and bioavailability (F, default 1): a scalar or
-        ``[n_subjects]`` value for every dose, or a dict ``{cmt: value}`` per dosing compartment.
+        ``[n_subjects]`` value for every dose, ``[n_subjects, n_doses]`` for one value per dose
+        record (aligned with ``pop.dose_times``, ADDL doses included; NONMEM's ALAG and F from each
+        record's covariates), or a dict ``{cmt: value}`` of these per dosing compartment.
     duration, rate : optional
         Modelled duration (for RATE = -2 doses) and modelled rate (RATE = -1), same forms.
     solver : diffrax solver, optional
@@ -187,8 +201,8 @@ def solve(
     states : ``[n_subjects, n_obs, n_states]``
         States at ``pop.times`` (padded observations included); NaN for failed subjects.
     status : ``[n_subjects]`` int, only with ``return_status``
-        0 on success; otherwise the `diffrax.RESULTS` code of the failed solve, :data:`SS_FAILED` or
-        :data:`NON_FINITE`. Failures never raise, so extreme parameters cannot crash an estimation.
+        0 on success; otherwise the `diffrax.RESULTS` code of the failed solve, :data:`SS_FAILED`,
+        :data:`SS_UNSUPPORTED` or :data:`NON_FINITE`. Failures never raise, so extreme parameters cannot crash an estimation.
 
     See the module docstring for the dose, reset and steady-state semantics.
 
@@ -335,9 +349,19 @@ def _dose_arrays(pop: Any) -> tuple:
 
 
 # ---------------------------------------------------------------------------- one subject
-def _resolve(spec: tuple, cmt: Array, default: float) -> Array:
-    """Per-dose value of a ``lag``/``f``/... spec (``cmt`` 1-based)."""
+def _resolve(spec: tuple, cmt: Array, default: float, name: str = "a dose parameter") -> Array:
+    """Per-dose value of a ``lag``/``f``/... spec (``cmt`` 1-based ``[dose]``, one subject).
+
+    Each value is one for all doses (a scalar here) or one per dose record (``[dose]`` here, from
+    ``[n_subjects, n_doses]``): NONMEM computes ALAG, F, R and D anew at every dose record.
+    """
     base, per_cmt = spec
+    for v in (base, *per_cmt.values()):
+        if v is not None and jnp.ndim(v) and jnp.shape(v) != cmt.shape:
+            raise ValueError(
+                f"{name}: a value of shape [n_subjects, {', '.join(map(str, jnp.shape(v)))}] is neither "
+                f"[n_subjects] nor per dose, [n_subjects, n_doses] with n_doses = {cmt.shape[0]} "
+                "(pop.dose_times.shape[1], ADDL doses included)")
     out = jnp.full(cmt.shape, default) if base is None else jnp.broadcast_to(base, cmt.shape)
     for k, v in per_cmt.items():
         out = jnp.where(cmt == k, v, out)
@@ -351,16 +375,19 @@ def _safe(x: Array) -> Array:
 def _dose_table(arrays: tuple, specs: dict, n_states: int) -> _Doses:
     """Effective amount, rate, duration and lag of each dose (NONMEM RATE coding)."""
     t, amt, cmt, code, ii, ss, mask, index = arrays
-    amt = _resolve(specs["f"], cmt, 1.0) * amt
-    model_dur = _resolve(specs["duration"], cmt, 1.0)
-    model_rate = _resolve(specs["rate"], cmt, 1.0)
+    amt = _resolve(specs["f"], cmt, 1.0, "f") * amt
+    model_dur = _resolve(specs["duration"], cmt, 1.0, "duration")
+    model_rate = _resolve(specs["rate"], cmt, 1.0, "rate")
     is_inf = mask & (code != 0)
     rate = jnp.where(code > 0, code, jnp.where(code == -1, model_rate, amt / _safe(model_dur)))
     rate = jnp.where(is_inf, rate, 0.0)
     dur = jnp.where(code == -2, model_dur, amt / _safe(rate))
     dur = jnp.where(is_inf, dur, 0.0)
-    dur = jnp.where(is_inf & (ss != 0) & (ii <= 0), jnp.inf, dur)  # steady-state constant infusion
-    return _Doses(t=t, lag=_resolve(specs["lag"], cmt, 0.0), amt=jnp.where(mask, amt, 0.0),
+    # steady-state constant infusion: the state is set to its steady state and the infusion then
+    # stops (NONMEM help, "SS dose event record": it "terminates at the event time of the SS dose
+    # record"); `rate` is kept for the steady state
+    dur = jnp.where(is_inf & (ss != 0) & (ii <= 0), 0.0, dur)
+    return _Doses(t=t, lag=_resolve(specs["lag"], cmt, 0.0, "lag"), amt=jnp.where(mask, amt, 0.0),
                   cmt=jnp.clip(cmt - 1, 0, n_states - 1), rate=rate, dur=dur, ii=ii, ss=ss,
                   valid=mask, index=index)
 
@@ -553,9 +580,9 @@ def _offsets(groups: dict[str, _Group], pos: Array) -> dict[str, Array]:
 def _cuts(cfg: _Config, d: _Doses, resets, at: dict, n_grid: int) -> Array | None:
     """``[dose]``: grid position of the first reset after each dose record (n_grid if none).
 
-    NONMEM help, "SS data item" (SS = 1) and "EVID" (3, 4): a reset cancels "infusions in
-    progress or pending additional doses"; so a dose record's events (its lagged start, its
-    infusion, its steady-state train) count only up to the first reset whose record comes after
+    NONMEM help, "SS data item": an SS = 1 dose cancels "infusions in progress or pending
+    additional doses", and so does an EVID 3/4 reset; so a dose record's events (its lagged start,
+    its infusion, its steady-state train) count only up to the first reset whose record comes after
     the dose record, even when the dose is not yet due at that reset. None: no resets possible.
     """
     if not (cfg.has_reset or cfg.n_ss):
@@ -619,7 +646,8 @@ def _ss_states(cfg: _Config, p, y0, d: _Doses):
     sel = jax.tree.map(lambda a: a[idx], d)
     y_ss, ok = jax.vmap(partial(_ss_one, cfg, p, y0))(sel, active)
     slot = jnp.clip(jnp.cumsum(is_ss) - 1, 0, n_ss - 1)
-    status = jnp.where(jnp.all(ok | ~active), 0, SS_FAILED).astype(jnp.int32)
+    status = jnp.where(jnp.all(ok | ~active), 0, SS_FAILED)
+    status = jnp.where(_train_too_long(d), SS_UNSUPPORTED, status).astype(jnp.int32)
     return y_ss[slot], status
 
 

@@ -286,7 +286,7 @@ SUBJECTS_B = [
     [_dose(0, 100, ss=1, ii=12), *_obs(0, 1, 6, 12), _dose(12, 100), *_obs(13, 24)],
     # 1: SS=1 infusion (2 h) into CMT 2
     [_dose(0, 100, 2, rate=50, ss=1, ii=12), *_obs(0, 1, 2, 3, 11.9)],
-    # 2: SS=1 constant infusion (II 0), keeps running
+    # 2: SS=1 constant infusion (II 0): at its steady state at 0, then stopped (NONMEM)
     [_dose(0, 0, 2, rate=5, ss=1, ii=0), *_obs(0, 5, 10)],
     # 3: SS=1 oral with a lag: obs at 0.5 lies in the cycle before the lagged dose
     [_dose(0, 100, ss=1, ii=12), *_obs(0, 0.5, 1.5, 12)],
@@ -306,7 +306,7 @@ def reference_b(s, theta):
     acts = [
         train(0, 12, ("bolus", (1, 100))) + O(0, 1, 6, 12) + [(12, "bolus", (1, 100))] + O(13, 24),
         train(0, 12, ("inf", (2, 50, 2))) + O(0, 1, 2, 3, 11.9),
-        [(-600, "inf", (2, 5, 1e4))] + O(0, 5, 10),
+        [(-600, "inf", (2, 5, 600))] + O(0, 5, 10),
         train(lag, 12, ("bolus", (1, 100))) + O(0, 0.5, 1.5, 12),
         train(0, 12, ("inf", (2, 10, 16))) + O(0, 2, 4, 5, 15, 17),
         [(0, "bolus", (1, 100))] + O(6, 6, 10, 30),  # + the SS=2 train from the record on (below)
