@@ -12,7 +12,7 @@ import pandas as pd
 
 from .._errors import DataError
 from ._population import Population
-from ._validate import Locator, _check_finite, _parse_numbers, _text, assign_roles, validate
+from ._validate import Locator, TableRoles, _check_finite, _parse_numbers, _text, assign_roles, validate
 
 __all__ = ["read_nonmem"]
 
@@ -175,7 +175,8 @@ def _interpolation_rules(interpolation: str | Mapping[str, str], names: Sequence
     return rules
 
 
-def _parse_covariates(table: pd.DataFrame, names: Sequence[str], where: Locator):
+def _parse_covariates(table: pd.DataFrame, names: Sequence[str],
+                      where: Locator) -> tuple[pd.DataFrame, tuple]:
     """Numeric covariates as float; all-text ones as category codes; mixed ones are an error."""
     columns, categories = {}, []
     for name in names:
@@ -202,7 +203,7 @@ def _parse_covariates(table: pd.DataFrame, names: Sequence[str], where: Locator)
 MAX_DOSES_PER_SUBJECT = 10_000
 
 
-def _check_expansion(records: pd.DataFrame, roles, where: Locator) -> None:
+def _check_expansion(records: pd.DataFrame, roles: TableRoles, where: Locator) -> None:
     """Refuse ADDL that would expand beyond MAX_DOSES_PER_SUBJECT, with the count and the memory."""
     ids = records["ID"].to_numpy(object)
     subj = np.cumsum(np.r_[True, ids[1:] != ids[:-1]]) - 1
@@ -315,7 +316,7 @@ def _pad(values: np.ndarray, subj: np.ndarray, slot: np.ndarray, fill: Any, dtyp
     return out
 
 
-def _build(records: pd.DataFrame, roles, rules: dict, categories: tuple, columns: tuple) -> Population:
+def _build(records: pd.DataFrame, roles: TableRoles, rules: dict, categories: tuple, columns: tuple) -> Population:
     """The padded arrays of every subject at once (records sorted by SUBJ, TIME, ADDED, POS)."""
     f64, i64 = np.float64, np.int64
     n_subjects = int(records["SUBJ"].iloc[-1]) + 1
