@@ -87,7 +87,10 @@ def _parse_numbers(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
         values = series.to_numpy(float, na_value=np.nan)
         return values, np.isnan(values)
-    values = pd.to_numeric(series.astype(object), errors="coerce").to_numpy(float, na_value=np.nan)
+    try:  # fast path: every value is a number's text (NumPy's conversion is 4x pandas')
+        values = series.to_numpy(object).astype(float)
+    except (TypeError, ValueError):  # missing tokens or text: coerce, then sort the two apart
+        values = pd.to_numeric(series.astype(object), errors="coerce").to_numpy(float, na_value=np.nan)
     missing = np.zeros(len(series), bool)
     failed = np.flatnonzero(np.isnan(values))
     if failed.size:  # only the values that did not parse can be missing tokens
