@@ -235,3 +235,18 @@ def test_per_dose_shape_errors():
         closed(pop, params, {"lag": jnp.zeros((2, 3))})
     with pytest.raises(ValueError, match="n_doses = 2"):
         closed(pop, params, {"f": {1: jnp.ones((2, 5))}})
+
+
+def test_per_dose_values_under_vmap(scenarios):
+    """A single subject (the population mapped with `jax.vmap`) takes per-dose values as ``[n_doses]``."""
+    import jax
+
+    import nlmegen
+
+    pop, lv, _, ref = scenarios
+
+    def one(pop_i, p_i, lv_i):
+        return nlmegen.pk.one_cmt(pop_i, cl=p_i["cl"], v=p_i["v"], ka=p_i["ka"], **lv_i)
+
+    mapped = jax.vmap(one)(pop, PARAMS, lv)
+    np.testing.assert_allclose(np.asarray(mapped), ref, rtol=1e-12, atol=1e-14)
