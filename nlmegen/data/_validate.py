@@ -242,27 +242,48 @@ def _dvid(table: pd.DataFrame, roles: TableRoles, where: Locator) -> np.ndarray:
     return _text(series).where(~missing, "").to_numpy(object)
 
 
-def _outputs(table: pd.DataFrame, obs: np.ndarray, cmt: np.ndarray, roles: TableRoles,
+def _outputs(table: pd.DataFrame, obs: np.ndarray, cmt: np.ndarray, dose: np.ndarray, roles: TableRoles,
              where: Locator) -> np.ndarray:
     """Each record's output label: its DVID; without DVID, its CMT when observations are in several
     compartments (NONMEM/nlmixr2: the compartment tells PK from PD), else the single output "DV"."""
     labels = _dvid(table, roles, where)
+    given = obs & ~np.isnan(cmt) & (cmt != 0)  # CMT 0 on an observation: NONMEM's default compartment
+    ccol = roles.role_to_column.get("CMT", "CMT")
     if roles.has("DVID") and (obs & (labels != "")).any():
         _fail(obs & (labels == ""), where,
               f"column {roles.role_to_column['DVID']}: observation without a DVID while other observations "
               "have one; give every observation its output")
+        _check_output_compartments(labels, given, cmt, np.unique(cmt[dose]), ccol, where)
         return labels
-    compartments = np.unique(cmt[obs & ~np.isnan(cmt)])
+    compartments = np.unique(cmt[given])
     if compartments.size < 2:
         return np.full(len(table), "DV", dtype=object)
     found = ", ".join(_number_label(c) for c in compartments)
-    _fail(obs & np.isnan(cmt), where,
-          f"column {roles.role_to_column.get('CMT', 'CMT')}: observation without a CMT while other "
-          f"observations are in compartments {found} (with no DVID column, CMT tells the outputs apart); "
-          "give its CMT, or add a DVID column naming each observation's output")
+    _fail(obs & ~given, where,
+          f"column {ccol}: observation without a CMT while other observations are in compartments {found} "
+          "(with no DVID column, CMT tells the outputs apart); give its CMT, or add a DVID column naming each "
+          "observation's output")
     unique, inverse = np.unique(np.nan_to_num(cmt), return_inverse=True)
     by_cmt = np.array([_number_label(c) for c in unique], object)[inverse.reshape(-1)]
     return np.where(obs, by_cmt, "DV").astype(object)
+
+
+def _check_output_compartments(labels: np.ndarray, given: np.ndarray, cmt: np.ndarray, dosed: np.ndarray,
+                               column: str, where: Locator) -> None:
+    """An observation whose CMT is neither its output's usual compartment, nor any output's, nor a dosed
+    one names a compartment nothing in the data uses: almost surely a typing error."""
+    main = {}  # per output, its most used compartment(s)
+    for label in pd.unique(labels[given]):
+        values, counts = np.unique(cmt[given & (labels == label)], return_counts=True)
+        main[label] = values[counts == counts.max()]
+    known = np.union1d(np.concatenate([np.zeros(0), *main.values()]), dosed)
+    bad = np.flatnonzero(given & ~np.isin(cmt, known))
+    if bad.size:
+        usual = main[labels[bad[0]]][0]
+        pos = int(bad[0])
+        raise DataError(f"{where(pos)}, column {column}: observation in CMT {_number_label(cmt[pos])}, a compartment "
+                        f"no dose goes into and no output is observed in (output {labels[pos]!r} is observed in "
+                        f"CMT {_number_label(usual)}); correct the CMT, or give the record its own DVID")
 
 
 #: Values NONMEM data sets use for "missing" that would otherwise be fitted as measurements.
@@ -327,7 +348,7 @@ def validate(table: pd.DataFrame, roles: TableRoles, where: Locator, *,
         "ID": ids, "TIME": time, "DV": num["DV"], "AMT": num["AMT"],
         "EVID": evid, "CMT": np.nan_to_num(cmt, nan=0).astype(np.int64),
         "RATE": num["RATE"], "II": num["II"], "ADDL": num["ADDL"].astype(np.int64),
-        "SS": num["SS"].astype(np.int64), "DVID": _outputs(table, evid == 0, cmt, roles, where),
+        "SS": num["SS"].astype(np.int64), "DVID": _outputs(table, evid == 0, cmt, np.isin(evid, (1, 4)), roles, where),
         "CENS": cens, "LIMIT": limit, "POS": np.arange(n),
     })
     return out

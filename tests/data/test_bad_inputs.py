@@ -253,3 +253,25 @@ def test_with_regimen_on_a_reset_and_dose_record_keeps_a_clean_reset():
     out = new.to_pandas()
     assert out["EVID"].tolist() == [1, 0, 3, 0]
     assert out["AMT"].tolist() == [7.0, 0.0, 0.0, 0.0]
+
+
+def test_observation_in_a_compartment_nothing_uses():
+    df = table()
+    df["DVID"] = [1, 1, 1, 1, 1, 1]
+    df.loc[4, "CMT"] = 5
+    expect(df, "row 4", "column CMT", "CMT 5", "no dose goes into", "observed in CMT 2")
+
+
+def test_observation_compartments_of_two_outputs_and_doses_are_fine():
+    df = table()
+    df["DVID"] = [1, 1, 2, 1, 2, 1]
+    df.loc[[2, 4], "CMT"] = 3
+    df.loc[5, "CMT"] = 1  # dosed compartment: unusual, but something uses it
+    assert nlmegen.read_nonmem(df).outputs == ("1", "2")
+    df.loc[5, "CMT"] = 3  # the other output's compartment
+    nlmegen.read_nonmem(df)
+
+
+def test_observation_with_cmt_0_counts_as_no_cmt():
+    assert nlmegen.read_nonmem(table({(1, "CMT"): 0})).outputs == ("DV",)
+    expect(table({(1, "CMT"): 0, (2, "CMT"): 3}), "row 1", "column CMT", "without a CMT")
