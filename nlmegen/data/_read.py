@@ -72,7 +72,8 @@ def read_nonmem(
       when they are in several compartments (NONMEM/nlmixr2), labelled "2", "3", ...; else "DV".
     - Refused (DataError): duplicate column names, AMT on a record that is not a dose, EVID 101
       with a CMT other than 1, AMT > 0 on a steady-state constant infusion, an observation without
-      DVID (or CMT) when others have one, infinite values or magnitudes above 1e100, more than
+      DVID (or CMT) when others have one, an observation in a compartment that no dose goes into and
+      no output is observed in, infinite values or magnitudes above 1e100, more than
       10,000 doses per subject after ADDL expansion, an empty file. A stray delimiter at the end
       of every row of a CSV file is ignored.
     - Text covariates are coded 0, 1, ... in sorted label order (kept in ``pop.categories``).
