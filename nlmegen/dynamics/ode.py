@@ -202,7 +202,8 @@ def solve(
         States at ``pop.times`` (padded observations included); NaN for failed subjects.
     status : ``[n_subjects]`` int, only with ``return_status``
         0 on success; otherwise the `diffrax.RESULTS` code of the failed solve, :data:`SS_FAILED`,
-        :data:`SS_UNSUPPORTED` or :data:`NON_FINITE`. Failures never raise, so extreme parameters cannot crash an estimation.
+        :data:`SS_UNSUPPORTED` or :data:`NON_FINITE`. Failures never raise, so extreme parameters
+        cannot crash an estimation.
 
     See the module docstring for the dose, reset and steady-state semantics.
 
