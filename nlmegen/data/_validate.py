@@ -116,8 +116,10 @@ ABSURD = 1e100
 def _check_finite(values: np.ndarray, column: str, where: Locator) -> None:
     """Infinite values and absurd magnitudes (|x| > 1e100) are errors, not numbers to fit."""
     _fail(np.isinf(values), where, f"column {column}: infinite value")
-    _fail(np.abs(np.nan_to_num(values)) > ABSURD, where,
-          f"column {column}: absurd magnitude (|value| > {ABSURD:g}); is it a missing-value code?")
+    huge = np.flatnonzero(np.abs(np.nan_to_num(values)) > ABSURD)
+    if huge.size:
+        raise DataError(f"{where(int(huge[0]))}, column {column}: absurd magnitude {values[huge[0]]:g} "
+                        f"(|value| > {ABSURD:g}); is it a missing-value code?")
 
 
 def _fail(mask: np.ndarray, where: Locator, message: str) -> None:
@@ -348,7 +350,8 @@ def validate(table: pd.DataFrame, roles: TableRoles, where: Locator, *,
         "ID": ids, "TIME": time, "DV": num["DV"], "AMT": num["AMT"],
         "EVID": evid, "CMT": np.nan_to_num(cmt, nan=0).astype(np.int64),
         "RATE": num["RATE"], "II": num["II"], "ADDL": num["ADDL"].astype(np.int64),
-        "SS": num["SS"].astype(np.int64), "DVID": _outputs(table, evid == 0, cmt, np.isin(evid, (1, 4)), roles, where),
+        "SS": num["SS"].astype(np.int64),
+        "DVID": _outputs(table, evid == 0, cmt, np.isin(evid, (1, 4)), roles, where),
         "CENS": cens, "LIMIT": limit, "POS": np.arange(n),
     })
     return out

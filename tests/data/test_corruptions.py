@@ -77,7 +77,8 @@ CORRUPTIONS = {
     "missing id": _set("ID", ".", lambda df: list(range(len(df)))),
     "infinite covariate": _set("WT", "inf", lambda df: list(range(len(df)))),
     "absurd covariate": _set("CRCL", -1e200, lambda df: list(range(len(df)))),
-    "text in numeric covariate": _set("WT", "heavy", lambda df: list(range(len(df)))),
+    # (a one-row table of text WT is a valid categorical covariate)
+    "text in numeric covariate": _set("WT", "heavy", lambda df: list(range(len(df))) if len(df) > 1 else []),
     "time backwards": _time_backwards,
     "blank dvid": _blank_dvid,
 }
