@@ -38,6 +38,23 @@ def _check_params(params: Mapping[str, Any], sites) -> dict:
             for k, v in params.items()}
 
 
+def model_values(fit) -> dict:
+    """A fit's population parameters as the model takes them: network weights (``<name>$params``,
+    kept flat in ``fit.params`` for tables) back in the pytree the model's `nlmegen.nn` declared."""
+    params = dict(fit.params)
+    flat = [k for k, v in params.items() if k.endswith("$params") and isinstance(v, np.ndarray)]
+    if not flat or fit.model is None or fit.pop is None:
+        return params
+    from .model._density import _unflatten_leaves
+
+    sites = {s.name: s for s in discover(fit.model, fit.pop).population}
+    for k in flat:
+        site = sites[k]
+        if site.tree is not None and site.leaf_shapes is not None:
+            params[k] = _unflatten_leaves(jnp.asarray(params[k]), site.tree, site.leaf_shapes)
+    return params
+
+
 def _resolve(model, params_or_fit, pop):
     """(model, population parameters, population) from a parameter dict or a `FitResult`."""
     if isinstance(params_or_fit, Mapping):
@@ -49,11 +66,7 @@ def _resolve(model, params_or_fit, pop):
     pop = fit.pop if pop is None else pop
     if model is None or pop is None:
         raise ValueError("this fit holds no model/population (a loaded fit?): pass model= and pop=")
-    params = dict(fit.params)
-    if fit.draws is None and any(isinstance(v, np.ndarray) and v.ndim and k.endswith("$params")
-                                 for k, v in params.items()):
-        raise ModelError("simulate from a fit with network weights: pass the weights as a pytree dict")
-    return model, params, pop
+    return model, model_values(fit), pop
 
 
 @functools.lru_cache(maxsize=64)
@@ -316,7 +329,7 @@ def posterior_predictive(
         sims = simulate_batched(model, values, pop, key=key, noise=noise)
     else:
         lead = (1, int(n))
-        params = dict(fit.params)
+        params = model_values(fit)
         if individual:
             params.update(ebe_values(fit, pop, sites.random_effects))
         sims = simulate_arrays(model, params, pop, key=key, n=int(n), noise=noise)

@@ -105,7 +105,7 @@ def prediction_curves(fit, ids=None, *, n_points: int = 200) -> pd.DataFrame:
     """
     from ..data import read_nonmem
     from ..model import discover
-    from ..simulate import ebe_values, simulate_batched
+    from ..simulate import ebe_values, model_values, simulate_batched
 
     if fit.model is None or fit.pop is None:
         raise ValueError("prediction curves need the fit's model and population (fit.model / fit.pop)")
@@ -118,7 +118,7 @@ def prediction_curves(fit, ids=None, *, n_points: int = 200) -> pd.DataFrame:
     random_effects = discover(fit.model, grid_pop).random_effects
     ebes = ebe_values(fit, grid_pop, random_effects)
     values = {k: np.stack([v, v]) if not isinstance(v, dict) else jax.tree_util.tree_map(lambda x: np.stack([x, x]), v)
-              for k, v in fit.params.items()}
+              for k, v in model_values(fit).items()}
     values.update({s.name: np.stack([ebes[s.name], np.zeros_like(ebes[s.name])]) for s in random_effects})
     sims = simulate_batched(fit.model, values, grid_pop, key=jax.random.key(0), noise=False)
     mask = np.asarray(grid_pop.mask)

@@ -116,7 +116,7 @@ def residuals(fit, *, n_sim: int = 1000, key: jax.Array | None = None) -> pd.Dat
         One row per observation: ``ID, TIME, output, DV, PRED, IPRED, RES, IWRES, CWRES, NPDE``
         (CWRES and IWRES need Gaussian residual errors; NaN otherwise).
     """
-    from ..simulate import simulate_arrays
+    from ..simulate import model_values, simulate_arrays
 
     if fit.model is None or fit.pop is None:
         raise ValueError("residuals need the fit's model and population (fit.model / fit.pop are None: "
@@ -129,7 +129,7 @@ def residuals(fit, *, n_sim: int = 1000, key: jax.Array | None = None) -> pd.Dat
         cwres = _cwres(dv, f, var, g, omega, eta, site_mask, slot)
     except ModelError:
         iwres = cwres = np.full(dv.shape, np.nan)
-    sims = simulate_arrays(fit.model, fit.params, pop, key=jax.random.key(0) if key is None else key, n=n_sim)
+    sims = simulate_arrays(fit.model, model_values(fit), pop, key=jax.random.key(0) if key is None else key, n=n_sim)
     npde = _npde(dv, sims, mask)
     subj, obs = np.nonzero(mask)
     return pd.DataFrame({

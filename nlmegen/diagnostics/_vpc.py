@@ -155,7 +155,7 @@ def vpc(
         ``sim_lower``, ``sim_median``, ``sim_upper``; ``.blq``: observed and simulated fractions
         below LLOQ; ``.plot()``.
     """
-    from ..simulate import _simulate_values, simulate_arrays
+    from ..simulate import _simulate_values, model_values, simulate_arrays
 
     if x not in ("time", "tad"):
         raise ValueError(f"x must be 'time' or 'tad', not {x!r}")
@@ -165,7 +165,7 @@ def vpc(
         raise ValueError("vpc needs a model and a population (a loaded fit holds neither: pass model= and pop=)")
     key = jax.random.key(0) if key is None else key
     if params is None:
-        params = dict(fit.params)
+        params = model_values(fit)
         sims, _ = _simulate_values(model, fit, pop, key=key, n=n_sim, individual=False, noise=True)
     else:
         sims = simulate_arrays(model, params, pop, key=key, n=n_sim)

@@ -1,0 +1,128 @@
+"""The estimation engine on ODE and neural-network models (issue "ODE and neural-network models that fit
+in minutes"): compile and warm times of the FOCEI objective + gradient, and whole fits.
+
+Usage: python benchmarks/engine.py [--quick] [--cases a,b,...] [--out benchmarks/results/engine.json]
+
+Cases (60 subjects of the seeds' IDR design, data simulated from the Hill model; 2 CPU cores):
+- ``idr_fit``: the IDR (Hill) model fitted by FOCEI with the reverse engine (and, with
+  ``--forward``, the forward engine: today's scheme before the reverse engine, several minutes);
+- ``gradient``: one OFV + gradient (warm EBEs) for the Hill model, the 1-16-16-1 MLP drug effect
+  with all ~330 parameters free, and the same with the network's weights fixed (~11 free);
+- ``deepnlme_fit``: DeepNLME (MLP of concentration and one extra random effect, ~40 free
+  parameters) fitted by FOCEI to convergence.
+Figures go to stdout and to the JSON file, with compile and run time apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+import nlmegen
+from nlmegen.examples import IDR_TRUTH, idr_model, idr_nn_model, simulate_idr
+from nlmegen.infer._laplace import _Problem
+
+RESULTS = Path(__file__).parent / "results"
+NN_INIT = {"log_ka": 0.0, "log_cl": 0.7, "log_vc": 3.0, "log_kin": 2.3, "log_kout": -0.7, "sigma_conc": 0.1,
+           "sigma_resp": 1.0}
+
+
+def study(n_subjects: int):
+    return nlmegen.read_nonmem(simulate_idr(n_subjects, key=jax.random.key(1)))
+
+
+def nn_init(model, n_eta: int) -> dict:
+    return {**NN_INIT, "omega": np.full(n_eta, 0.3), "effect$params": nnx.to_pure_dict(nnx.state(model.net, nnx.Param))}
+
+
+def fit_case(model, pop, init, engine: str, maxiter: int = 1000) -> dict:
+    start = time.perf_counter()
+    backend = nlmegen.FOCEI(engine=engine, covariance="none", progress=False, maxiter=maxiter)
+    fit = nlmegen.fit(model, pop, method=backend, init=init)
+    total = time.perf_counter() - start
+    out = {"engine": engine, "status": fit.status, "message": fit.message, "ofv": float(fit.ofv),
+           "compile_s": fit.timings["compile_s"], "run_s": fit.timings["run_s"],
+           "n_evaluations": fit.timings["n_evaluations"], "end_to_end_s": total,
+           "n_free": int(sum(np.size(v) for v in jax.tree.leaves(fit.estimates)))}
+    print(f"  {engine:8s} {fit.status:14s} OFV {fit.ofv:.4f}  compile {out['compile_s']:.1f} s  "
+          f"run {out['run_s']:.1f} s  ({out['n_evaluations']:.0f} evaluations)  end to end {total:.1f} s", flush=True)
+    return out
+
+
+def gradient_case(model, pop, init, fixed, engine: str, repeats: int) -> dict:
+    problem = _Problem.build(nlmegen.FOCEI(engine=engine, progress=False), model, pop, init, fixed)
+    start = time.perf_counter()
+    problem.compile()
+    compile_s = time.perf_counter() - start
+    x = problem.theta0[problem.free]
+    problem.evaluate(x)  # EBEs found once: the timed calls start from them (as in a fit)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        problem.evaluate(x)
+        runs.append(time.perf_counter() - start)
+    out = {"engine": problem.engine, "n_free": int(problem.free.sum()), "compile_s": compile_s,
+           "run_s": statistics.median(runs)}
+    print(f"  {problem.engine:8s} {out['n_free']:4d} free  compile {compile_s:.1f} s  OFV+gradient {out['run_s']:.3f} s",
+          flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="12 subjects instead of 60")
+    parser.add_argument("--forward", action="store_true", help="also fit the IDR model with the forward engine")
+    parser.add_argument("--cases", default="idr_fit,gradient,deepnlme_fit")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    jax.config.update("jax_enable_x64", True)
+    n = 12 if args.quick else 60
+    cases = args.cases.split(",")
+    out_path = Path(args.out) if args.out else RESULTS / ("engine-quick.json" if args.quick else "engine.json")
+    results: dict = {"machine": {"platform": platform.platform(), "cpus": jax.device_count(),
+                                 "jax": jax.__version__}, "n_subjects": n}
+    pop = study(n)
+
+    def save():
+        out_path.write_text(json.dumps(results, indent=2, default=float))
+
+    if "idr_fit" in cases:
+        print(f"IDR (Hill), {n} subjects, FOCEI fit", flush=True)
+        results["idr_fit"] = {"reverse": fit_case(idr_model, pop, IDR_TRUTH, "reverse")}
+        if args.forward:
+            results["idr_fit"]["forward"] = fit_case(idr_model, pop, IDR_TRUTH, "forward")
+        save()
+    if "gradient" in cases:
+        print(f"OFV + gradient, {n} subjects (warm EBEs)", flush=True)
+        mlp = idr_nn_model((16, 16))
+        init = nn_init(mlp, 2)
+        weights = {"effect$params": init["effect$params"]}
+        results["gradient"] = {
+            "hill": gradient_case(idr_model, pop, IDR_TRUTH, None, "reverse", 3),
+            "mlp_all_free": gradient_case(mlp, pop, init, None, "reverse", 3),
+            "mlp_weights_fixed": gradient_case(mlp, pop, init, weights, "reverse", 3),
+        }
+        g = results["gradient"]
+        g["ratio_all_free_vs_fixed"] = g["mlp_all_free"]["run_s"] / g["mlp_weights_fixed"]["run_s"]
+        g["ratio_mlp_vs_hill"] = g["mlp_all_free"]["run_s"] / g["hill"]["run_s"]
+        print(f"  ratio all free / weights fixed {g['ratio_all_free_vs_fixed']:.2f}; "
+              f"MLP / Hill {g['ratio_mlp_vs_hill']:.2f}", flush=True)
+        save()
+    if "deepnlme_fit" in cases:
+        print(f"DeepNLME (MLP 2-7-1 of C and eta_nn), {n} subjects, FOCEI fit", flush=True)
+        deep = idr_nn_model((7,), n_eta_nn=1)
+        results["deepnlme_fit"] = fit_case(deep, pop, nn_init(deep, 3), "reverse")
+        save()
+    print(f"written {out_path}")
+
+
+if __name__ == "__main__":
+    main()
