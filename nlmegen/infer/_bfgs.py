@@ -71,12 +71,16 @@ def bfgs(
     max_backtracks: int = 40,
     max_step: float = 1.0,
     callback: Callable[[int, np.ndarray, float, np.ndarray], None] | None = None,
+    rescale_first: bool = False,
 ) -> BFGSResult:
     """Minimise ``fun`` (value, gradient, aux) from ``x0``, whose evaluation ``first`` is given.
 
     Converged when ``max |g| <= gtol`` or the predicted decrease ``g' H^-1 g / 2 <= ftol``; also
     when the line search finds no decrease but the predicted decrease is below ``100 ftol`` (the
     objective's rounding floor). A non-finite value counts as no decrease (the step is shortened).
+    With ``rescale_first`` the start ``hess_inv0`` only sets the first step; the inverse Hessian is then
+    replaced by ``(s'y / y'y) I`` before the first update (for starts that carry no curvature
+    information, e.g. an identity).
     """
     x = np.asarray(x0, dtype=float).copy()
     f, g, aux = first
@@ -124,6 +128,8 @@ def bfgs(
         s, y = x_new - x, g_new - g
         sy = float(s @ y)
         if sy > 1e-10 * np.linalg.norm(s) * np.linalg.norm(y):  # curvature condition: update H (N&W eq. 6.17)
+            if rescale_first and it == 1:  # a scaled identity from the first step's curvature (N&W eq. 6.20)
+                h = (sy / float(y @ y)) * eye
             rho = 1.0 / sy
             v = eye - rho * np.outer(s, y)
             h = v @ h @ v.T + rho * np.outer(s, s)

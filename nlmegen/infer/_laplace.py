@@ -244,8 +244,11 @@ class _Problem:
         first = fun(x0)
         remember(x0)
         if x0.size:
-            res = bfgs(fun, x0, first, bhhh_inverse(np.asarray(self.subject_gradients)), gtol=self.backend.gtol,
-                       ftol=self.backend.ftol, maxiter=self.backend.maxiter, callback=callback)
+            # BHHH needs more subjects than parameters (network weights): otherwise a scaled identity
+            bhhh = x0.size < self.pop.n_subjects
+            h0 = bhhh_inverse(np.asarray(self.subject_gradients)) if bhhh else identity_start(first[1])
+            res = bfgs(fun, x0, first, h0, gtol=self.backend.gtol, ftol=self.backend.ftol,
+                       maxiter=self.backend.maxiter, callback=callback, rescale_first=not bhhh)
             x_hat, message, success = res.x, res.message, res.success
             ofv, grad, (ebe, self.eta) = res.fun, res.jac, res.aux  # the EBEs at x_hat (warm start, result)
         else:
@@ -368,6 +371,12 @@ def _predict(objective: Objective, theta, eta, pop):
         var = merged
     curvature = objective.curvature(theta, eta, pop, objective.frozen_variance(theta, pop))
     return pred, ipred, var, curvature, objective.prior_precision(theta, pop)
+
+
+def identity_start(grad: np.ndarray) -> np.ndarray:
+    """A first inverse Hessian that makes the first step 0.1 long in the largest gradient coordinate."""
+    top = float(np.max(np.abs(grad))) if grad.size and np.all(np.isfinite(grad)) else 0.0
+    return np.eye(grad.size) * (0.1 / top if top > 0 else 1.0)
 
 
 def loglik_from_ofv(ofv: float, n_obs: int) -> float:
