@@ -9,7 +9,11 @@ Cases (60 subjects of the seeds' IDR design, data simulated from the Hill model;
 - ``gradient``: one OFV + gradient (warm EBEs) for the Hill model, the 1-16-16-1 MLP drug effect
   with all ~330 parameters free, and the same with the network's weights fixed (~11 free);
 - ``deepnlme_fit``: DeepNLME (MLP of concentration and one extra random effect, ~40 free
-  parameters) fitted by FOCEI to convergence.
+  parameters) fitted by FOCEI to convergence;
+- ``deepnlme_saem``: the same model by SAEM (Newton M-step for the parameters, Adam for the weights);
+- ``ude_fit``: one subject on 36 dosing regimens (dose x interval x number of doses; no random
+  effects, 36 pseudo-subjects), the UDE with a 1-8-8-1 MLP in place of the Hill term, fitted to
+  convergence (the seeds' "neural ODE vs UDE" training problem).
 Figures go to stdout and to the JSON file, with compile and run time apart.
 """
 
@@ -80,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="12 subjects instead of 60")
     parser.add_argument("--forward", action="store_true", help="also fit the IDR model with the forward engine")
-    parser.add_argument("--cases", default="idr_fit,gradient,deepnlme_fit")
+    parser.add_argument("--cases", default="idr_fit,gradient,deepnlme_fit,deepnlme_saem,ude_fit")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", True)
@@ -121,7 +125,67 @@ def main() -> None:
         deep = idr_nn_model((7,), n_eta_nn=1)
         results["deepnlme_fit"] = fit_case(deep, pop, nn_init(deep, 3), "reverse")
         save()
+    if "deepnlme_saem" in cases:
+        print(f"DeepNLME (MLP 2-7-1 of C and eta_nn), {n} subjects, SAEM", flush=True)
+        deep = idr_nn_model((7,), n_eta_nn=1)
+        start = time.perf_counter()
+        fit = nlmegen.fit(deep, pop, method=nlmegen.SAEM(progress=False, covariance="none", focei=False, is_draws=0),
+                          init=nn_init(deep, 3), key=jax.random.key(0))
+        total = time.perf_counter() - start
+        focei_ofv = nlmegen.objective(deep, pop, fit.params)
+        results["deepnlme_saem"] = {"status": fit.status, "message": fit.message, "end_to_end_s": total,
+                                    "focei_ofv_at_estimate": float(focei_ofv), **fit.timings}
+        print(f"  SAEM {fit.status}  FOCEI OFV at the estimate {focei_ofv:.4f}  end to end {total:.1f} s", flush=True)
+        save()
+    if "ude_fit" in cases:
+        print("UDE (MLP 1-8-8-1 drug effect), one subject, 36 regimens, no random effects", flush=True)
+        model, ude_pop, init = ude_problem()
+        results["ude_fit"] = fit_case(model, ude_pop, init, "reverse")
+        save()
     print(f"written {out_path}")
+
+
+def ude_problem():
+    """The seeds' one-subject training problem: 36 regimens, IDR data without random effects."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    import pandas as pd
+
+    from nlmegen.examples import MLP, _idr_y0, idr_population
+
+    tables = []
+    for k, (dose, interval, n_doses) in enumerate(
+            [(d, i, m) for d in (25.0, 50.0, 100.0, 200.0) for i in (8.0, 12.0, 24.0) for m in (1, 2, 3)]):
+        t = idr_population(1, dose=dose, n_doses=n_doses, interval=interval, times=(1, 2, 4, 8, 12, 24, 36, 48, 72))
+        tables.append(t.assign(ID=k + 1))
+    table = pd.concat(tables, ignore_index=True)
+    truth = {**IDR_TRUTH, "omega": np.full(4, 1e-8)}  # one subject: no between-regimen variability
+    sims = nlmegen.simulate(idr_model, truth, nlmegen.read_nonmem(table, allow_missing_dv=True),
+                            key=jax.random.key(0))
+    table.loc[table["EVID"] == 0, "DV"] = sims["value"].to_numpy()
+    net = MLP((1, 8, 8, 1), rngs=nnx.Rngs(0))
+
+    def ude(pop):
+        logs = {k: numpyro.sample(f"log_{k}", dist.Normal(0.0, 2.0)) for k in ("ka", "cl", "vc", "kin", "kout")}
+        sigma_conc = numpyro.sample("sigma_conc", dist.HalfNormal(1.0))
+        sigma_resp = numpyro.sample("sigma_resp", dist.HalfNormal(5.0))
+        effect = nlmegen.nn("effect", net)
+
+        def rhs(t, y, p):
+            h = effect((y[1] / p["vc"])[None])[0]
+            return jnp.stack([-p["ka"] * y[0], p["ka"] * y[0] - p["cl"] / p["vc"] * y[1],
+                              p["kin"] * (1.0 + h) - p["kout"] * y[2]])
+
+        with nlmegen.subjects(pop):
+            p = {k: jnp.broadcast_to(jnp.exp(v), (pop.n_subjects,)) for k, v in logs.items()}
+            x = nlmegen.ode.solve(rhs, pop, p, y0=_idr_y0)
+            nlmegen.observe("conc", nlmegen.proportional(x[..., 1] / p["vc"][:, None], sigma_conc), pop,
+                            output="conc")
+            nlmegen.observe("resp", nlmegen.additive(x[..., 2], sigma_resp), pop, output="resp")
+
+    init = {**NN_INIT, "effect$params": nnx.to_pure_dict(nnx.state(net, nnx.Param))}
+    return ude, nlmegen.read_nonmem(table), init
 
 
 if __name__ == "__main__":

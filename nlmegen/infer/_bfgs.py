@@ -72,12 +72,16 @@ def bfgs(
     max_step: float = 1.0,
     callback: Callable[[int, np.ndarray, float, np.ndarray], None] | None = None,
     rescale_first: bool = False,
+    line_search: str = "armijo",
 ) -> BFGSResult:
     """Minimise ``fun`` (value, gradient, aux) from ``x0``, whose evaluation ``first`` is given.
 
     Converged when ``max |g| <= gtol`` or the predicted decrease ``g' H^-1 g / 2 <= ftol``; also
     when the line search finds no decrease but the predicted decrease is below ``100 ftol`` (the
     objective's rounding floor). A non-finite value counts as no decrease (the step is shortened).
+    ``line_search="wolfe"`` asks every step for the strong Wolfe conditions (N&W Alg. 3.5/3.6): the
+    curvature pairs are then always usable, which long, curved valleys (network weights) need; the
+    default backtracking (Armijo) accepts the first sufficient decrease, usually the unit step.
     With ``rescale_first`` the start ``hess_inv0`` only sets the first step; the inverse Hessian is then
     replaced by ``(s'y / y'y) I`` before the first update (for starts that carry no curvature
     information, e.g. an identity).
@@ -102,19 +106,11 @@ def bfgs(
         # at most `max_step` in any coordinate: the parameters are on log-like unconstrained scales, where a
         # longer step is a change by a factor e or more that no fit needs; far-out trial points cost
         # many EBE iterations and can leave subjects at poor local modes
-        alpha, accepted = min(1.0, max_step / float(np.max(np.abs(direction)))), None
-        for _ in range(max_backtracks):
-            x_new = x + alpha * direction
-            f_new, g_new, aux_new = fun(x_new)
-            sufficient = f_new <= f + 1e-4 * alpha * slope and f_new < f  # Armijo, and a real decrease
-            if np.isfinite(f_new) and np.all(np.isfinite(g_new)) and sufficient:
-                accepted = (x_new, f_new, g_new, aux_new)
-                break
-            if np.isfinite(f_new):  # minimiser of the quadratic through f, slope and f_new, safeguarded
-                trial = -slope * alpha**2 / (2.0 * (f_new - f - slope * alpha))
-                alpha = float(np.clip(trial, 0.1 * alpha, 0.5 * alpha))
-            else:
-                alpha *= 0.25
+        alpha_max = max_step / float(np.max(np.abs(direction)))
+        if line_search == "wolfe":
+            accepted = _wolfe(fun, x, f, slope, direction, min(1.0, alpha_max), alpha_max, max_backtracks)
+        else:
+            accepted = _armijo(fun, x, f, slope, direction, min(1.0, alpha_max), max_backtracks)
         if accepted is None:
             if decrease <= 100.0 * ftol:
                 return BFGSResult(x, f, g, h, True, f"converged to the objective's rounding floor: predicted further "
@@ -140,3 +136,72 @@ def bfgs(
     decrease = 0.5 * float(g @ h @ g)
     return BFGSResult(x, f, g, h, False, f"maximum number of iterations ({maxiter}) reached; predicted further "
                       f"OFV decrease {decrease:.2g}", maxiter, aux)
+
+
+def _finite(f, g) -> bool:
+    return bool(np.isfinite(f) and np.all(np.isfinite(g)))
+
+
+def _armijo(fun, x, f, slope, direction, alpha, max_evals):
+    """Backtracking to the first step with sufficient decrease (N&W Alg. 3.1, quadratic interpolation)."""
+    for _ in range(max_evals):
+        x_new = x + alpha * direction
+        f_new, g_new, aux_new = fun(x_new)
+        sufficient = f_new <= f + 1e-4 * alpha * slope and f_new < f  # Armijo, and a real decrease
+        if _finite(f_new, g_new) and sufficient:
+            return x_new, f_new, g_new, aux_new
+        if np.isfinite(f_new):  # minimiser of the quadratic through f, slope and f_new, safeguarded
+            trial = -slope * alpha**2 / (2.0 * (f_new - f - slope * alpha))
+            alpha = float(np.clip(trial, 0.1 * alpha, 0.5 * alpha))
+        else:
+            alpha *= 0.25
+    return None
+
+
+def _wolfe(fun, x, f, slope, direction, alpha, alpha_max, max_evals, c1=1e-4, c2=0.9):
+    """A step satisfying the strong Wolfe conditions (N&W Alg. 3.5 with zoom, Alg. 3.6), or None.
+
+    Steps grow by 2 up to ``alpha_max``; at ``alpha_max`` a step with sufficient decrease is taken
+    even if the curvature condition is not met (the trust region of `bfgs`).
+    """
+    evals = [0]
+
+    def evaluate(a):
+        evals[0] += 1
+        f_a, g_a, aux_a = fun(x + a * direction)
+        return f_a, g_a, aux_a, (float(g_a @ direction) if _finite(f_a, g_a) else np.nan)
+
+    def zoom(lo, f_lo, d_lo, hi, f_hi, best):
+        while evals[0] < max_evals:
+            if np.isfinite(f_hi) and np.isfinite(d_lo):  # minimiser of the quadratic through lo's f, slope and hi's f
+                denom = 2.0 * (f_hi - f_lo - d_lo * (hi - lo))
+                a = lo - d_lo * (hi - lo) ** 2 / denom if denom > 0 else 0.5 * (lo + hi)
+                a = float(np.clip(a, lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo))) if hi > lo else \
+                    float(np.clip(a, hi + 0.1 * (lo - hi), lo - 0.1 * (lo - hi)))
+            else:
+                a = 0.5 * (lo + hi)
+            f_a, g_a, aux_a, d_a = evaluate(a)
+            if not np.isfinite(d_a) or f_a > f + c1 * a * slope or f_a >= f_lo:
+                hi, f_hi = a, f_a
+                continue
+            best = (x + a * direction, f_a, g_a, aux_a)
+            if abs(d_a) <= -c2 * slope:
+                return best
+            if d_a * (hi - lo) >= 0:
+                hi, f_hi = lo, f_lo
+            lo, f_lo, d_lo = a, f_a, d_a
+        return best  # the lowest point with sufficient decrease found, if any
+
+    prev, f_prev, d_prev, prev_point = 0.0, f, slope, None
+    while evals[0] < max_evals:
+        f_a, g_a, aux_a, d_a = evaluate(alpha)
+        point = (x + alpha * direction, f_a, g_a, aux_a)
+        if not np.isfinite(d_a) or f_a > f + c1 * alpha * slope or (prev > 0 and f_a >= f_prev):
+            return zoom(prev, f_prev, d_prev, alpha, f_a, prev_point)
+        if abs(d_a) <= -c2 * slope or alpha >= alpha_max:
+            return point
+        if d_a >= 0:
+            return zoom(alpha, f_a, d_a, prev, f_prev, point)
+        prev, f_prev, d_prev, prev_point = alpha, f_a, d_a, point
+        alpha = min(2.0 * alpha, alpha_max)
+    return prev_point

@@ -157,7 +157,7 @@ class _Problem:
         engine, method = self.backend.engine, self.backend.method
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
-        if method == "laplace":
+        if method == "laplace" and self.density.sites.n_eta:
             if engine == "reverse":
                 raise ModelError("engine='reverse' covers FO, FOCE and FOCEI; Laplace's exact Hessian needs "
                                  "second-order sensitivities: use engine='forward' (or 'auto')")
@@ -169,7 +169,7 @@ class _Problem:
                            jnp.asarray(self.theta0), self.eta, self.pop)
         if any(c.n_ss for c in calls):
             return "forward"
-        return "reverse" if calls or int(self.free.sum()) > 50 else "forward"
+        return "reverse" if calls or int(self.free.sum()) > 50 or not self.density.sites.n_eta else "forward"
 
     def compile(self) -> float:
         """Compile the evaluation function once (cached across fits); return the seconds spent."""
@@ -248,7 +248,8 @@ class _Problem:
             bhhh = x0.size < self.pop.n_subjects
             h0 = bhhh_inverse(np.asarray(self.subject_gradients)) if bhhh else identity_start(first[1])
             res = bfgs(fun, x0, first, h0, gtol=self.backend.gtol, ftol=self.backend.ftol,
-                       maxiter=self.backend.maxiter, callback=callback, rescale_first=not bhhh)
+                       maxiter=self.backend.maxiter, callback=callback, rescale_first=not bhhh,
+                       line_search="armijo" if bhhh else "wolfe")
             x_hat, message, success = res.x, res.message, res.success
             ofv, grad, (ebe, self.eta) = res.fun, res.jac, res.aux  # the EBEs at x_hat (warm start, result)
         else:

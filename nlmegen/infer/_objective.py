@@ -474,6 +474,9 @@ def _newton(objective, matrix, eta0: Array, max_iter: int, gtol: float, max_halv
 #: mode as far as the ODE's tolerances resolve it. Measured on the IDR model with an MLP at rtol 1e-6:
 #: the line search then fights solver noise (decrement ~3e-7 for 90 iterations, gradient ~5e-3).
 ODE_NOISE_DECREMENT = 1e-6
+#: Largest change of one (unconstrained) random effect in one EBE iteration of the sensitivity
+#: engine: a factor e^2 on a log-normal parameter.
+MAX_EBE_STEP = 2.0
 #: Fisher-scoring iterations of the sensitivity engine's EBE search before it switches to Newton's
 #: method with the exact Hessian (for subjects still searching).
 SCORING_ITERATIONS = 6
@@ -503,6 +506,10 @@ def _newton_local(objective, scoring, newton, eta0: Array, max_iter: int, gtol: 
     def body(carry):
         eta, value, g, m, it, stalled, done, last = carry
         step = jnp.linalg.solve(m, g[..., None])[..., 0]
+        # a trust region: no random effect moves by more than MAX_EBE_STEP in one iteration, so one
+        # subject's wild trial point (an extreme rate constant: a stiff, slow solve) cannot stall the batch
+        size = jnp.max(jnp.abs(step), axis=-1, keepdims=True)
+        step = step * jnp.minimum(1.0, MAX_EBE_STEP / jnp.where(size > 0, size, 1.0))
         active = (gnorm(g) > gtol) & ~stalled & ~done & jnp.all(jnp.isfinite(step), axis=-1)
         step = jnp.where(active[:, None], step, 0.0)
         new_eta, new_value, accepted = _line_search(objective, eta, value, step, max_halvings)

@@ -23,6 +23,7 @@ the forward engine (`_laplace`) pushes one tangent per parameter through every s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import diffrax
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..dynamics._sensitivity import no_dynamics
-from ._objective import Objective, _value_and_columns
+from ._objective import LOG_2PI, EBEState, Objective, _value_and_columns
 
 __all__ = ["reverse_value_and_grad"]
 
@@ -65,6 +66,8 @@ def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.nda
         return jnp.linalg.solve(hess, dofv[..., None])[..., 0]
 
     def value_and_grad(theta_free, theta_all, eta0, pop):
+        if objective.n_eta == 0:
+            return _without_random_effects(theta_free, theta_all, pop)
         theta = jax.lax.stop_gradient(full(theta_free, theta_all))
         n_subjects = pop.n_subjects
 
@@ -96,7 +99,37 @@ def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.nda
         eta_jac = jnp.zeros((*eta.shape, theta_free.size), eta.dtype)
         return jnp.sum(ofv_i), jnp.sum(grad_i, axis=0), eta, ebe, ofv_i, grad_i, eta_jac
 
+    def _without_random_effects(theta_free, theta_all, pop):
+        """No random effects (one subject, naive pooled, a UDE on many regimens): the OFV is
+        ``-2 log p(y | theta)`` (NONMEM's constant dropped), differentiated in reverse mode through
+        plain solves; per subject as above."""
+        n_subjects = pop.n_subjects
+
+        def subject_objective(theta_free, pop):
+            theta = full(theta_free, theta_all)
+            parts = objective._trace_parts(theta, jnp.zeros((1, 0)), pop, context=contextlib.nullcontext())
+            ofv = -2.0 * parts["loglik"][0] - jnp.sum(_observed(parts, pop)) * LOG_2PI
+            if use_map:
+                with no_dynamics():
+                    log_prior = objective.density.log_prior(theta, pop, jacobian=False)
+                ofv = ofv - 2.0 * log_prior / n_subjects
+            return ofv
+
+        ofv_i, grad_i = jax.vmap(jax.value_and_grad(subject_objective), in_axes=(None, 0))(
+            theta_free, one_subject_populations(pop))
+        eta = jnp.zeros((n_subjects, 0))
+        ebe = EBEState(eta, jnp.ones(n_subjects, bool), jnp.zeros(n_subjects), jnp.zeros((), int))
+        return (jnp.sum(ofv_i), jnp.sum(grad_i, axis=0), eta, ebe, ofv_i, grad_i,
+                jnp.zeros((n_subjects, 0, theta_free.size)))
+
     return value_and_grad
+
+
+def _observed(parts: dict, pop):
+    """Observation records that count for the dropped ``n log(2 pi)`` (uncensored Gaussian ones)."""
+    if "mask" in parts:
+        return parts["mask"]
+    return pop.mask & (pop.cens == 0)
 
 
 def one_subject_populations(pop):

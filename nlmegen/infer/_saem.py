@@ -52,6 +52,7 @@ incomplete data estimation problems. PNAS 1998;95:7270-7274.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -63,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+import optax
 from tqdm.auto import tqdm
 
 from .._errors import ModelError
@@ -107,6 +109,12 @@ class SAEM:
     hessian
         ``"exact"``: the complete-data Hessian by forward-mode derivatives; ``"fisher"``: the sum
         of the subjects' score outer products (cheaper for ODE models with many parameters).
+        Either covers the parameters other than network weights.
+    network_lr
+        Network weights (``nlmegen.nn`` sites) are not Newton-stepped (no Hessian over thousands of
+        weights): their complete-data gradient, by one reverse-mode pass, drives Adam
+        (`optax.adam`) with this learning rate, scaled by the stochastic-approximation step
+        ``gamma_k`` (Robbins-Monro).
     n_conditional
         Iterations of the conditional-distribution run at the estimate (EBEs, IS proposal).
     is_draws, is_df
@@ -182,6 +190,7 @@ class SAEM:
     anneal: float = 0.95
     max_step: float = 1.0
     hessian: str = "exact"
+    network_lr: float = 0.01
     n_conditional: int = 200
     is_draws: int = 5000
     is_df: float = 5.0
@@ -211,6 +220,7 @@ class SAEM:
         need(0.5 < self.step_exponent <= 1.0, f"step_exponent must be in (0.5, 1], not {self.step_exponent}")
         need(0.0 < self.anneal <= 1.0, f"anneal must be in (0, 1], not {self.anneal}")
         need(self.max_step > 0, f"max_step must be positive, not {self.max_step}")
+        need(self.network_lr > 0, f"network_lr must be positive, not {self.network_lr}")
         need(self.is_df > 0, f"is_df must be positive, not {self.is_df}")
         need(0.0 < self.conv_window <= 1.0, f"conv_window must be in (0, 1], not {self.conv_window}")
         need(self.conv_tol > 0, f"conv_tol must be positive, not {self.conv_tol}")
@@ -258,6 +268,12 @@ class _SAEMProblem:
                              "none: use method='focei'")
         density, values, fixed_names, theta0, _, free = starting_point(model, pop, sites, init, fixed)
         problem = cls(backend, model, pop, density, theta0, free, fixed_names, values)
+        network = np.zeros(theta0.size, bool)  # network weights: Adam on the SA gradient, not Newton
+        for block in density.theta_space.blocks:
+            network[block.start:block.stop] = block.leaf_shapes is not None
+        problem.network = network
+        problem.newton_idx = problem.free_idx[~network[problem.free_idx]]
+        problem.network_idx = problem.free_idx[network[problem.free_idx]]
         problem.centre = problem.find_mu_reference()
         problem.variance_like = problem.find_variances()
         return problem
@@ -275,13 +291,16 @@ class _SAEMProblem:
                 loglik, prior = density.subject_terms(theta, eta, pop)
             return loglik, prior
 
+        plain = np.flatnonzero(~self.network)  # network weights are never centred on
+
         @jax.jit
         def derivs(theta, eta):
-            jt = jax.jacfwd(lambda t: parts(t, eta))(theta)  # ([n, p], [n, p])
+            jt = jax.jacfwd(lambda t: parts(theta.at[plain].set(t), eta))(theta[plain])  # ([n, p'], [n, p'])
             from ._objective import _columns
 
             je = _columns(lambda e: parts(theta, e)[0], eta)  # [n, d]
-            return jt[0], jt[1], je
+            full = [jnp.zeros((pop.n_subjects, theta.size)).at[:, plain].set(j) for j in jt]
+            return full[0], full[1], je
 
         rng = np.random.default_rng(0)
         confirmed = np.zeros((self.theta0.size, d), bool)
@@ -353,8 +372,9 @@ class _SAEMProblem:
         estate = EState(eta=jnp.zeros((c, n, d)), logp=jnp.zeros((c, n)),
                         log_step=jnp.full((c, n), log_step0[self.backend.kernel]),
                         chol=jnp.broadcast_to(jnp.asarray(chol), (c, n, d, d)))
-        p = self.free_idx.size
-        return {"key": key, "theta": theta, "phi": phi, "estate": estate, "H": jnp.zeros((p, p)),
+        p = self.newton_idx.size
+        opt = _adam(self.backend.network_lr).init(theta[self.network_idx])
+        return {"key": key, "theta": theta, "phi": phi, "estate": estate, "H": jnp.zeros((p, p)), "opt": opt,
                 "m": jnp.zeros((n, d)), "S": jnp.asarray(cov), "sum1": jnp.zeros((n, d)),
                 "sum2": jnp.zeros((n, d, d)), "count": jnp.zeros(()), "bad_msteps": jnp.zeros((), jnp.int64),
                 "left_out": jnp.zeros((), jnp.int64)}
@@ -380,11 +400,13 @@ class _SAEMProblem:
 
         return lambda k, s: nuts_step(k, s, logdensity_one, pop, backend.max_tree_depth)
 
-    def complete_ll(self, theta_free, theta, phi):
-        """Centred complete-data log-likelihood per chain and subject ``[chain, subj]``."""
-        full = theta.at[self.free_idx].set(theta_free)
+    def complete_ll(self, theta_part, theta, phi, idx=None, forward: bool = True):
+        """Centred complete-data log-likelihood per chain and subject ``[chain, subj]``, as a function
+        of the elements ``idx`` of theta (default: the free ones); ``forward`` for forward-mode
+        derivatives (ODE solves in `diffrax.ForwardMode`), else reverse mode."""
+        full = theta.at[self.free_idx if idx is None else idx].set(theta_part)
         eta = phi - self.shift(full)
-        with forward_mode():
+        with forward_mode() if forward else contextlib.nullcontext():
             return jax.vmap(lambda e: self.density.subject_log_joint(full, e, self.pop))(eta)
 
     def mstep_derivatives(self, theta, phi):
@@ -394,11 +416,11 @@ class _SAEMProblem:
         (e.g. ``0 ** n`` in a Hill term at time 0) are left out rather than poisoning the step;
         returns ``(grad, hess, n_left_out)``.
         """
-        tf = theta[self.free_idx]
+        tf = theta[self.newton_idx]
         n_chains = phi.shape[0]
 
         def ll(t):
-            return self.complete_ll(t, theta, phi)  # [chain, subj]
+            return self.complete_ll(t, theta, phi, self.newton_idx)  # [chain, subj]
 
         jac = jax.jacfwd(ll)(tf)  # [chain, subj, p]
         if self.backend.hessian == "exact":
@@ -445,11 +467,12 @@ class _SAEMProblem:
         phi = eta + self.shift(theta)
 
         # the conditional-distribution run (mstep off) skips the derivatives altogether
-        new_theta, H, bad, left_out = jax.lax.cond(
-            mstep, lambda: self.mstep(theta, phi, carry["H"], gamma, explore),
-            lambda: (theta, carry["H"], jnp.zeros((), bool), jnp.zeros((), jnp.int64)))
+        new_theta, H, opt_state, bad, left_out = jax.lax.cond(
+            mstep, lambda: self.mstep(theta, phi, carry["H"], carry["opt"], gamma, explore),
+            lambda: (theta, carry["H"], carry["opt"], jnp.zeros((), bool), jnp.zeros((), jnp.int64)))
         w = jnp.where(collect, 1.0, 0.0)
-        out = {"key": key, "theta": new_theta, "phi": phi, "estate": estate, "H": H, "m": m, "S": S,
+        out = {"key": key, "theta": new_theta, "phi": phi, "estate": estate, "H": H, "opt": opt_state, "m": m,
+               "S": S,
                "sum1": carry["sum1"] + w * jnp.sum(eta, 0),
                "sum2": carry["sum2"] + w * jnp.einsum("csi,csj->sij", eta, eta),
                "count": carry["count"] + w * eta.shape[0],
@@ -461,21 +484,34 @@ class _SAEMProblem:
         record = {"theta": theta, "accept": jnp.mean(accept, axis=(0, 1)), "gamma": gamma}
         return out, record
 
-    def mstep(self, theta, phi, H_old, gamma, explore):
-        """The SA-Newton update of the free theta; returns (theta, H, non-finite step?, left out)."""
+    def mstep(self, theta, phi, H_old, opt_old, gamma, explore):
+        """The SA update of the free theta: Newton for the parameters, Adam for network weights.
+
+        Returns (theta, H, optimiser state, non-finite step?, left out)."""
         backend = self.backend
-        if self.free_idx.size == 0:
-            return theta, H_old, jnp.zeros((), bool), jnp.zeros((), jnp.int64)
-        grad, hess, left_out = self.mstep_derivatives(theta, phi)
-        H = H_old + gamma * (hess - H_old)
-        step = gamma * jnp.linalg.solve(_positive_definite(H), grad)
-        step = jnp.clip(step, -backend.max_step, backend.max_step)
-        floor = 0.5 * math.log(backend.anneal)  # log sd may fall by at most sqrt(anneal)
-        annealed = jnp.asarray(self.variance_like[self.free_idx])
-        step = jnp.where(explore & annealed, jnp.maximum(step, floor), step)
-        bad = ~jnp.all(jnp.isfinite(step)) | ~jnp.all(jnp.isfinite(H))
-        new = theta.at[self.free_idx].add(jnp.where(bad, 0.0, step))
-        return new, jnp.where(bad, H_old, H), bad, left_out
+        bad, left_out, H, opt_state = jnp.zeros((), bool), jnp.zeros((), jnp.int64), H_old, opt_old
+        new = theta
+        if self.newton_idx.size:
+            grad, hess, left_out = self.mstep_derivatives(theta, phi)
+            H = H_old + gamma * (hess - H_old)
+            step = gamma * jnp.linalg.solve(_positive_definite(H), grad)
+            step = jnp.clip(step, -backend.max_step, backend.max_step)
+            floor = 0.5 * math.log(backend.anneal)  # log sd may fall by at most sqrt(anneal)
+            annealed = jnp.asarray(self.variance_like[self.newton_idx])
+            step = jnp.where(explore & annealed, jnp.maximum(step, floor), step)
+            bad = ~jnp.all(jnp.isfinite(step)) | ~jnp.all(jnp.isfinite(H))
+            new = new.at[self.newton_idx].add(jnp.where(bad, 0.0, step))
+            H = jnp.where(bad, H_old, H)
+        if self.network_idx.size:  # one reverse pass: its cost does not grow with the number of weights
+            weights = theta[self.network_idx]
+            grad = jax.grad(lambda w: jnp.sum(self.complete_ll(w, theta, phi, self.network_idx, forward=False))
+                            / phi.shape[0])(weights)
+            updates, state = _adam(backend.network_lr).update(-grad, opt_old, weights)
+            ok = jnp.all(jnp.isfinite(updates))
+            new = new.at[self.network_idx].add(jnp.where(ok, gamma * updates, 0.0))
+            opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), state, opt_old)
+            bad = bad | ~ok
+        return new, H, opt_state, bad, left_out
 
     def schedule(self) -> np.ndarray:
         """Per-iteration (gamma, explore, active, mstep, collect), padded to whole chunks."""
@@ -494,7 +530,7 @@ class _SAEMProblem:
         b = self.backend
         leaves = jax.tree_util.tree_leaves(self.pop)
         key = (self.model, b.kernel, b.n_kernel_steps, b.num_leapfrog, b.max_tree_depth, b.anneal, b.max_step,
-               b.hessian, b.chunk, self.n_chains, tuple(self.free_idx.tolist()), tuple(self.centre.tolist()),
+               b.hessian, b.network_lr, b.chunk, self.n_chains, tuple(self.free_idx.tolist()), tuple(self.centre.tolist()),
                tuple(self.variance_like.tolist()), jax.tree_util.tree_structure(self.pop),
                tuple((x.shape, x.dtype) for x in leaves))
         if key in _CACHE:
@@ -540,6 +576,10 @@ class _SAEMProblem:
         cond_accept = np.concatenate([r["accept"] for r in records])[n_iter:n_iter + b.n_conditional]
         return {"carry": carry, "records": recs, "cond_accept": cond_accept, "compile_s": compile_s,
                 "run_s": run_s}
+
+
+def _adam(lr: float):
+    return optax.adam(lr)
 
 
 def _safe_inverse(h: np.ndarray) -> np.ndarray:

@@ -69,3 +69,16 @@ def test_bhhh_inverse_is_symmetric_positive_definite_even_when_rank_deficient():
     full = rng.normal(size=(50, 3))
     np.testing.assert_allclose(bhhh_inverse(full), np.linalg.inv(0.5 * full.T @ full), rtol=1e-10)
     np.testing.assert_array_equal(bhhh_inverse(np.full((3, 2), np.nan)), np.eye(2))
+
+
+def test_wolfe_line_search_minimises_rosenbrock_from_an_identity_start():
+    def fun(x):
+        f = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+        g = np.array([-2 * (1 - x[0]) - 400 * x[0] * (x[1] - x[0] ** 2), 200 * (x[1] - x[0] ** 2)])
+        return f, g, None
+
+    x0 = np.array([-1.2, 1.0])
+    res = bfgs(fun, x0, fun(x0), np.eye(2) * 1e-3, gtol=1e-8, ftol=1e-14, rescale_first=True, line_search="wolfe")
+    assert res.success, res.message
+    np.testing.assert_allclose(res.x, [1.0, 1.0], atol=1e-5)
+    assert res.nit < 60
