@@ -32,7 +32,7 @@ from flax import nnx
 
 import nlmegen
 from nlmegen.examples import IDR_TRUTH, idr_model, idr_nn_model, simulate_idr
-from nlmegen.infer._laplace import _Problem
+from nlmegen.infer.laplace.backend import _Problem
 
 RESULTS = Path(__file__).parent / "results"
 NN_INIT = {"log_ka": 0.0, "log_cl": 0.7, "log_vc": 3.0, "log_kin": 2.3, "log_kout": -0.7, "sigma_conc": 0.1,
@@ -75,7 +75,8 @@ def gradient_case(model, pop, init, fixed, engine: str, repeats: int) -> dict:
         runs.append(time.perf_counter() - start)
     out = {"engine": problem.engine, "n_free": int(problem.free.sum()), "compile_s": compile_s,
            "run_s": statistics.median(runs)}
-    print(f"  {problem.engine:8s} {out['n_free']:4d} free  compile {compile_s:.1f} s  OFV+gradient {out['run_s']:.3f} s",
+    print(f"  {problem.engine:8s} {out['n_free']:4d} free  compile {compile_s:.1f} s  "
+          f"OFV+gradient {out['run_s']:.3f} s",
           flush=True)
     return out
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--forward", action="store_true", help="also fit the IDR model with the forward engine")
     parser.add_argument("--cases", default="idr_fit,gradient,deepnlme_fit,deepnlme_saem,ude_fit")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--maxiter", type=int, default=1000, help="BFGS iterations of the network fits")
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", True)
     n = 12 if args.quick else 60
@@ -123,7 +125,7 @@ def main() -> None:
     if "deepnlme_fit" in cases:
         print(f"DeepNLME (MLP 2-7-1 of C and eta_nn), {n} subjects, FOCEI fit", flush=True)
         deep = idr_nn_model((7,), n_eta_nn=1)
-        results["deepnlme_fit"] = fit_case(deep, pop, nn_init(deep, 3), "reverse")
+        results["deepnlme_fit"] = fit_case(deep, pop, nn_init(deep, 3), "reverse", maxiter=args.maxiter)
         save()
     if "deepnlme_saem" in cases:
         print(f"DeepNLME (MLP 2-7-1 of C and eta_nn), {n} subjects, SAEM", flush=True)
@@ -140,7 +142,7 @@ def main() -> None:
     if "ude_fit" in cases:
         print("UDE (MLP 1-8-8-1 drug effect), one subject, 36 regimens, no random effects", flush=True)
         model, ude_pop, init = ude_problem()
-        results["ude_fit"] = fit_case(model, ude_pop, init, "reverse")
+        results["ude_fit"] = fit_case(model, ude_pop, init, "reverse", maxiter=args.maxiter)
         save()
     print(f"written {out_path}")
 

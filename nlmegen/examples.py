@@ -27,8 +27,8 @@ from .data import Population, read_nonmem
 from .dynamics import ode, pk
 from .model import additive, combined, nn, observe, proportional, subjects
 
-__all__ = ["IDR_TRUTH", "MLP", "WARFARIN_ETAS", "idr_model", "idr_nn_model", "idr_population", "idr_rhs", "simulate_idr", "theo_model",
-           "theo_model_full", "theo_model_kacl", "warfarin_model", "warfarin_rhs"]
+__all__ = ["IDR_TRUTH", "MLP", "WARFARIN_ETAS", "idr_model", "idr_nn_model", "idr_population", "idr_rhs",
+           "simulate_idr", "theo_model", "theo_model_full", "theo_model_kacl", "warfarin_model", "warfarin_rhs"]
 
 
 def theo_model(pop: Population) -> None:

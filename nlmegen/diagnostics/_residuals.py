@@ -33,7 +33,7 @@ def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
 
 def _linearisation(fit, pop):
     """f, V and G = df/d eta at the EBEs, and Omega, from the fit's model (Gaussian residuals)."""
-    from ..infer._objective import Objective, _value_and_columns
+    from ..infer.laplace.objective import Objective, _value_and_columns
     from ..simulate import ebe_values
 
     density = Density(fit.model, discover(fit.model, pop))

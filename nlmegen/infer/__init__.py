@@ -2,18 +2,18 @@
 
 from ._fit import fit as fit
 from ._fit import objective as objective
-from ._laplace import FO as FO
-from ._laplace import FOCE as FOCE
-from ._laplace import FOCEI as FOCEI
-from ._laplace import Laplace as Laplace
-from ._nuts import NUTS as NUTS
-from ._result import FitResult as FitResult
-from ._saem import SAEM as SAEM
-from ._svi import SVI as SVI
-from ._svi import Encoding as Encoding
-from ._svi import TrainedGuide as TrainedGuide
-from ._svi import encode as encode
-from ._svi import svi_guide as svi_guide
+from .bayes.nuts import NUTS as NUTS
+from .bayes.svi import SVI as SVI
+from .bayes.svi import Encoding as Encoding
+from .bayes.svi import TrainedGuide as TrainedGuide
+from .bayes.svi import encode as encode
+from .bayes.svi import svi_guide as svi_guide
+from .laplace.backend import FO as FO
+from .laplace.backend import FOCE as FOCE
+from .laplace.backend import FOCEI as FOCEI
+from .laplace.backend import Laplace as Laplace
+from .saem.backend import SAEM as SAEM
+from .shared.result import FitResult as FitResult
 
 __all__ = ["FO", "FOCE", "FOCEI", "SAEM", "SVI", "Encoding", "FitResult", "Laplace", "NUTS", "TrainedGuide", "encode",
            "fit", "objective", "svi_guide"]

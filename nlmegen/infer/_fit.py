@@ -11,10 +11,10 @@ import numpyro
 
 from .._errors import ModelError
 from ..model import Density, discover
-from ._laplace import FO, FOCE, FOCEI, Laplace, check_population
-from ._nuts import NUTS
-from ._saem import SAEM
-from ._svi import SVI
+from .bayes.nuts import NUTS
+from .bayes.svi import SVI
+from .laplace.backend import FO, FOCE, FOCEI, Laplace, check_population
+from .saem.backend import SAEM
 
 __all__ = ["BACKENDS", "fit", "objective"]
 

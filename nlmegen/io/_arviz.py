@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..infer._result import _json_default, label_site
+from ..infer.shared.result import _json_default, label_site
 
 if TYPE_CHECKING:
-    from ..infer._result import FitResult
+    from ..infer.shared.result import FitResult
 
 __all__ = ["load", "save", "to_arviz"]
 
@@ -230,7 +230,7 @@ _DESCRIPTIONS = {
 
 def _log_likelihood(fit: FitResult, posterior: dict) -> np.ndarray:
     """``[chain, draw, obs]`` pointwise log-likelihood of the real observations at every draw."""
-    from ..infer._pointwise import pointwise_log_likelihood
+    from ..infer.shared.pointwise import pointwise_log_likelihood
 
     lead = next(iter(posterior.values())).shape[:2]
     fixed = {k: v for k, v in fit.params.items() if k not in posterior}
@@ -449,7 +449,7 @@ def load(path: str | os.PathLike) -> FitResult:
     """
     import xarray as xr
 
-    from ..infer._result import FitResult
+    from ..infer.shared.result import FitResult
 
     tree = xr.load_datatree(Path(path), engine="h5netcdf")
     if tree.attrs.get("nlmegen_format") != FORMAT:

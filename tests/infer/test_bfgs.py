@@ -1,10 +1,10 @@
-"""The outer optimiser of the conditional methods (`nlmegen.infer._bfgs`)."""
+"""The outer optimiser of the conditional methods (`nlmegen.infer.laplace.bfgs`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from nlmegen.infer._bfgs import bfgs, bhhh_inverse
+from nlmegen.infer.laplace.bfgs import bfgs, bhhh_inverse
 
 
 def _quadratic(a: np.ndarray, b: np.ndarray):

@@ -7,7 +7,7 @@ import numpyro.distributions as dist
 import pytest
 
 import nlmegen
-from nlmegen.infer import _laplace
+from nlmegen.infer.laplace import backend as _laplace
 
 # nlmixr2 FOCEi, theo_sd, one-compartment oral, diagonal Omega, additive error (shared/data/README.md)
 THEO_OFV = 116.8044

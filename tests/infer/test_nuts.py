@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import nlmegen
-from nlmegen.infer._nuts import NUTS
+from nlmegen.infer.bayes.nuts import NUTS
 
 # FOCEI estimates of theo_sd (nlmixr2 reference, test_focei.py)
 THEO_THETA = {"tka": 0.464, "tcl": 1.01, "tv": 3.46}

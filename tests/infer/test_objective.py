@@ -8,7 +8,7 @@ import numpyro.distributions as dist
 import pytest
 
 import nlmegen
-from nlmegen.infer._objective import Objective
+from nlmegen.infer.laplace.objective import Objective
 from nlmegen.model import Density, discover
 
 # Wang Y. J Pharmacokinet Pharmacodyn 2007;34:575-593, Table 1 data; NONMEM OFVs at the fixed values

@@ -8,7 +8,7 @@ import pytest
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
-from nlmegen.infer._result import FitResult, element_labels
+from nlmegen.infer.shared.result import FitResult, element_labels
 from nlmegen.io import load, to_arviz
 from nlmegen.io._arviz import support_name, transform_from_name
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 import nlmegen
 from nlmegen.examples import idr_nn_model, idr_population
-from nlmegen.infer._laplace import _Problem
+from nlmegen.infer.laplace.backend import _Problem
 
 # tight ODE tolerances: finite differences of the OFV need it smooth to ~1e-10
 MODEL = idr_nn_model((3,), n_eta_nn=1, rtol=1e-10, atol=1e-12)
@@ -103,3 +103,45 @@ def test_auto_engine_choice(pop):
     assert closed.resolve_engine() == "forward"
     with pytest.raises(nlmegen.ModelError, match="Laplace"):
         _Problem.build(nlmegen.Laplace(engine="reverse"), MODEL, pop, INIT, None).resolve_engine()
+
+
+def _ude(pop):
+    """The UDE without random effects (one subject on several regimens, or naive pooled)."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    from nlmegen.examples import _idr_y0
+
+    logs = {k: numpyro.sample(f"log_{k}", dist.Normal(0.0, 2.0)) for k in ("ka", "cl", "vc", "kin", "kout")}
+    sigma = numpyro.sample("sigma_resp", dist.HalfNormal(5.0))
+    effect = nlmegen.nn("effect", UDE_NET)
+
+    def rhs(t, y, p):
+        h = effect((y[1] / p["vc"])[None])[0]
+        return jnp.stack([-p["ka"] * y[0], p["ka"] * y[0] - p["cl"] / p["vc"] * y[1],
+                          p["kin"] * (1.0 + h) - p["kout"] * y[2]])
+
+    with nlmegen.subjects(pop):
+        p = {k: jnp.broadcast_to(jnp.exp(v), (pop.n_subjects,)) for k, v in logs.items()}
+        x = nlmegen.ode.solve(rhs, pop, p, y0=_idr_y0, rtol=1e-10, atol=1e-12)
+        nlmegen.observe("resp", nlmegen.additive(x[..., 2], sigma), pop, output="resp")
+
+
+UDE_NET = nlmegen.examples.MLP((1, 3, 1), rngs=nnx.Rngs(1))
+
+
+def test_models_without_random_effects(pop):
+    init = {k: INIT[k] for k in ("log_ka", "log_cl", "log_vc", "log_kin", "log_kout", "sigma_resp")}
+    init["effect$params"] = nnx.to_pure_dict(nnx.state(UDE_NET, nnx.Param))
+    problem = _Problem.build(nlmegen.FOCEI(progress=False), _ude, pop, init, None)
+    problem.compile()
+    assert problem.engine == "reverse"
+    x = problem.theta0[problem.free] + 0.05 * np.sin(np.arange(int(problem.free.sum())))
+    ofv, grad, _ = problem.evaluate(x)
+    labels = ("log_kout", "sigma_resp", "effect$params[2]", "effect$params[6]")
+    idx = [problem.free_labels.index(lab) for lab in labels]
+    assert _relative(grad[idx], _finite_differences(problem, x, labels)) < 1e-5
+    # the OFV is -2 log p(y | theta) without NONMEM's constant
+    fit = nlmegen.fit(_ude, pop, method=nlmegen.FOCEI(progress=False, covariance="none", maxiter=30), init=init)
+    assert np.isfinite(fit.ofv) and fit.ofv < ofv

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import nlmegen
-from nlmegen.infer._saem import SAEM
+from nlmegen.infer.saem.backend import SAEM
 
 # nlmixr2 SAEM on theo_sd (issue 5): thetas to ~2%, variances to ~15% (SAEM is stochastic)
 THEO_THETA = {"tka": 0.464, "tcl": 1.01, "tv": 3.46, "add_sd": 0.696}

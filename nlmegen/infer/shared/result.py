@@ -362,7 +362,7 @@ class FitResult:
     # ------------------------------------------------------------------ I/O (delegated)
     def residuals(self, *, n_sim: int = 1000, key: Any = None) -> pd.DataFrame:
         """PRED, IPRED, RES, IWRES, CWRES and NPDE per observation (see `nlmegen.diagnostics.residuals`)."""
-        from ..diagnostics import residuals
+        from ...diagnostics import residuals
 
         return residuals(self, n_sim=n_sim, key=key)
 
@@ -382,7 +382,7 @@ class FitResult:
         posterior_predictive
             Add the ``posterior_predictive`` group (default: Bayesian fits holding their model and data).
         """
-        from ..io._arviz import to_arviz
+        from ...io._arviz import to_arviz
 
         return to_arviz(self, n_draws=n_draws, seed=seed, log_likelihood=log_likelihood,
                         posterior_predictive=posterior_predictive)
@@ -397,14 +397,14 @@ class FitResult:
         overwrite
             Replace an existing file; otherwise an existing ``path`` raises `FileExistsError`.
         """
-        from ..io._arviz import save
+        from ...io._arviz import save
 
         save(self, path, overwrite=overwrite)
 
     @staticmethod
     def load(path: Any) -> FitResult:
         """Read a result written by `FitResult.save` (same as :func:`nlmegen.load`)."""
-        from ..io._arviz import load
+        from ...io._arviz import load
 
         return load(path)
 

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 
-from ..model import Density
-from ._start import theta_labels
+from ...model import Density
+from .start import theta_labels
 
 __all__ = ["summarise_draws", "unconstrain_draws"]
 
@@ -54,7 +54,7 @@ def summarise_draws(model, pop, sites, samples: dict, fixed: dict, lead: tuple) 
         ``times``, ``dv``, ``mask``, ``dvid``, ``outputs``, ``transforms``, ``fixed``, ``model``,
         ``pop`` and ``ofv``/``loglik``/``aic``/``bic`` (NaN: not defined for a posterior).
     """
-    from ._finish import _ebe_table, _flat_values, _transforms, site_means
+    from ..laplace.finish import _ebe_table, _flat_values, _transforms, site_means
 
     density = Density(model, sites)
     theta_space, eta_space = density.theta_space, density.eta_space

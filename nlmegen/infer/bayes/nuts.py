@@ -30,10 +30,10 @@ from numpyro.infer import NUTS as _NumPyroNUTS
 from numpyro.infer.initialization import init_to_median, init_to_sample, init_to_value
 from numpyro.infer.reparam import LocScaleReparam
 
-from ..model import discover
-from ._laplace import check_population
-from ._result import FitResult
-from ._start import bayesian_inputs
+from ...model import discover
+from ..laplace.backend import check_population
+from ..shared.result import FitResult
+from ..shared.start import bayesian_inputs
 
 __all__ = ["NUTS"]
 
@@ -207,8 +207,8 @@ def _diagnostics(samples: dict, names: list[str], random: list[str], ids: tuple)
 
 
 def _result(backend, model, pop, sites, samples, stats, fixed, reparam_sites, chain_method, timings) -> FitResult:
-    from ._draws import summarise_draws
-    from ._finish import _settings
+    from ..laplace.finish import _settings
+    from ..shared.draws import summarise_draws
 
     n_chains, n_draws = next(iter(stats.values())).shape[:2] if stats else (backend.num_chains, backend.num_samples)
     free_names = [s.name for s in sites.population if s.name not in fixed]

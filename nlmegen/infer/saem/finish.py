@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 from jax.scipy.special import gammaln
 
-from .._errors import ModelError
-from ._objective import LOG_2PI
-from ._result import FitResult, element_labels
+from ..._errors import ModelError
+from ..laplace.objective import LOG_2PI
+from ..shared.result import FitResult, element_labels
 
 __all__ = ["finish", "importance_loglik"]
 
@@ -133,9 +133,9 @@ def _status(problem, recs, theta) -> tuple[str, str, dict]:
 
 def _focei(problem, theta, eta_mean):
     """FOCEI (or Laplace, for non-Gaussian residuals) OFV and covariance step at the SAEM estimate."""
-    from ._covariance import covariance_step
-    from ._finish import _standard_errors
-    from ._laplace import FOCEI, Laplace, _Problem
+    from ..laplace.backend import FOCEI, Laplace, _Problem
+    from ..laplace.finish import _standard_errors
+    from ..shared.covariance import covariance_step
 
     b = problem.backend
     values = {k: (np.asarray(v) if not isinstance(v, dict) else v)
@@ -167,8 +167,8 @@ def _focei(problem, theta, eta_mean):
 
 def finish(problem, run) -> FitResult:
     """Assemble the `FitResult` of a SAEM fit."""
-    from ._finish import _ebe_table, _flat_values, _settings, _shrinkage, _transforms, site_means
-    from ._laplace import information_criteria
+    from ..laplace.backend import information_criteria
+    from ..laplace.finish import _ebe_table, _flat_values, _settings, _shrinkage, _transforms, site_means
 
     b, pop, density = problem.backend, problem.pop, problem.density
     carry, recs = run["carry"], run["records"]

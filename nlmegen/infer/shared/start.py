@@ -10,7 +10,7 @@ import numpyro
 from numpyro import handlers
 from numpyro.infer.initialization import init_to_median
 
-from .._errors import ModelError
+from ..._errors import ModelError
 
 __all__ = ["initial_values", "theta_labels"]
 
@@ -78,7 +78,7 @@ def starting_point(model, pop, sites, init: Mapping | None, fixed: Mapping | Non
     """
     import numpy as np
 
-    from ..model import Density
+    from ...model import Density
 
     density = Density(model, sites)
     values, fixed_names = initial_values(model, pop, sites, init, fixed)

@@ -8,7 +8,7 @@ sites is fitted by maximising the evidence lower bound ``E_q[log p(y, theta, eta
 - ``"mvn"``: full-rank Gaussian (``AutoMultivariateNormal``); ``"lowrank"``: low-rank plus diagonal;
 - ``"iaf"`` / ``"bnaf"``: normalizing flows over all latents (``AutoIAFNormal``, ``AutoBNAFNormal``);
 - ``"encoder"``: amortized: one network maps a subject's data to q(eta_i) (see
-  :mod:`nlmegen.infer._encoder`), so that new subjects are encoded in one pass (`encode`).
+  :mod:`nlmegen.infer.bayes.encoder`), so that new subjects are encoded in one pass (`encode`).
 
 Gaussian random effects are non-centred by default (``LocScaleReparam(centered=0)``, as in NUTS):
 the guide then approximates ``eta_decentered = eta / omega``, whose posterior is much closer to
@@ -43,15 +43,15 @@ from numpyro.infer.reparam import LocScaleReparam
 from numpyro.infer.util import log_density
 from numpyro.optim import optax_to_numpyro
 
-from .._errors import ModelError
-from ..model import discover
-from ._draws import summarise_draws
-from ._encoder import EncoderGuide, encoder_config, encoder_forward
-from ._laplace import check_population
-from ._nuts import _init_strategy, _is_param, _normal_random_effects
-from ._result import FitResult
-from ._start import bayesian_inputs
-from ._svi_flows import LocatedBNAF, LocatedIAF
+from ..._errors import ModelError
+from ...model import discover
+from ..laplace.backend import check_population
+from ..shared.draws import summarise_draws
+from ..shared.result import FitResult
+from ..shared.start import bayesian_inputs
+from .encoder import EncoderGuide, encoder_config, encoder_forward
+from .nuts import _init_strategy, _is_param, _normal_random_effects
+from .svi_flows import LocatedBNAF, LocatedIAF
 
 __all__ = ["SVI", "Encoding", "TrainedGuide", "encode", "svi_guide"]
 
@@ -462,9 +462,9 @@ def encode(fit_or_guide: FitResult | TrainedGuide, pop) -> Encoding:
     trained = fit_or_guide if isinstance(fit_or_guide, TrainedGuide) else svi_guide(fit_or_guide)
     if trained.kind != "encoder":
         raise ValueError(f"encode needs an amortized encoder (SVI(guide='encoder')), not guide {trained.kind!r}")
-    from ..model import Density
-    from ._encoder import ENCODER_PARAM
-    from ._finish import _ebe_table
+    from ...model import Density
+    from ..laplace.finish import _ebe_table
+    from .encoder import ENCODER_PARAM
 
     guide: EncoderGuide = trained.guide
     if len(pop.outputs) != guide.cfg.n_outputs:
@@ -523,7 +523,7 @@ def _result(backend: SVI, model, pop, sites, samples, log_w, losses, fixed, repa
         warnings.append(f"Pareto k-hat {khat:.2f} > 0.7: the guide is a poor approximation of the posterior "
                         "(tails and correlations may be wrong); try a richer guide (mvn, iaf, bnaf) or NUTS")
     history = pd.DataFrame({"iteration": np.arange(1, elbo.size + 1, dtype=np.int64), "elbo": elbo})
-    from ._finish import _settings
+    from ..laplace.finish import _settings
 
     settings = {**_settings(backend), "guide": kind, "noncentered_sites": list(reparam_sites),
                 "final_elbo": final, "pareto_k": khat}

@@ -15,7 +15,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from ..model import Density
+from ...model import Density
 
 __all__ = ["pointwise_log_likelihood"]
 
@@ -29,7 +29,7 @@ def _elementwise(fn: dist.Distribution) -> dist.Distribution:
 
 def _one_draw(density: Density, values: dict, pop) -> jax.Array:
     """``[subj, obs]`` log-likelihood of one draw (0 in padding)."""
-    from ._objective import _unwrap
+    from ..laplace.objective import _unwrap
 
     tr = density.trace_values(values, pop)
     out = jnp.zeros(pop.dv.shape)
@@ -62,7 +62,7 @@ def pointwise_log_likelihood(model, pop, draws: Mapping[str, np.ndarray], fixed:
     chunk
         Draws evaluated per vectorised call (bounds memory: ``chunk * subj * obs`` floats).
     """
-    from ..model import discover
+    from ...model import discover
 
     density = Density(model, discover(model, pop))
     n = int(np.prod(lead))

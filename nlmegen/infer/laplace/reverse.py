@@ -18,7 +18,7 @@ For FO, FOCE and FOCEI on any model (ODE models through the sensitivity-augmente
    (BHHH start, S matrix of the covariance step) come at the cost of the summed one.
 
 The cost of 3 does not grow with the number of population parameters (network weights included):
-the forward engine (`_laplace`) pushes one tangent per parameter through every solve.
+the forward engine (`backend`) pushes one tangent per parameter through every solve.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..dynamics._sensitivity import no_dynamics
-from ._objective import LOG_2PI, EBEState, Objective, _value_and_columns
+from ...dynamics._sensitivity import no_dynamics
+from .objective import LOG_2PI, EBEState, Objective, _value_and_columns
 
 __all__ = ["reverse_value_and_grad"]
 

@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax import Array
 
-from .._errors import ModelError
-from ..dynamics._sensitivity import no_dynamics, sensitivities
-from ..dynamics.ode import forward_mode
-from ..model import Density
-from ..model._observe import Censored
+from ..._errors import ModelError
+from ...dynamics._sensitivity import no_dynamics, sensitivities
+from ...dynamics.ode import forward_mode
+from ...model import Density
+from ...model._observe import Censored
 
 __all__ = ["METHODS", "EBEState", "Local", "Objective"]
 

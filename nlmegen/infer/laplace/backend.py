@@ -3,7 +3,7 @@
 The outer problem is a quasi-Newton (BFGS) minimisation of the OFV over the free population
 parameters in the unconstrained space of each site's support, with exact gradients (the EBEs are
 differentiated by the implicit function theorem). The inner problem, the EBEs, is the batched
-Newton search of `_objective`, warm-started from the previous evaluation's modes. One compiled
+Newton search of `objective`, warm-started from the previous evaluation's modes. One compiled
 function serves every evaluation: new parameter values, new initial values and new fixed values
 never recompile.
 """
@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .._errors import DataError, ModelError
-from ..dynamics._sensitivity import SensitivityUnsupported, recording
-from ..model import Density, discover
-from ._bfgs import bfgs, bhhh_inverse
-from ._covariance import covariance_step
-from ._objective import LOG_2PI, Objective
-from ._reverse import reverse_value_and_grad
-from ._start import starting_point
+from ..._errors import DataError, ModelError
+from ...dynamics._sensitivity import SensitivityUnsupported, recording
+from ...model import Density, discover
+from ..shared.covariance import covariance_step
+from ..shared.start import starting_point
+from .bfgs import bfgs, bhhh_inverse
+from .objective import LOG_2PI, Objective
+from .reverse import reverse_value_and_grad
 
 __all__ = ["ENGINES", "FO", "FOCE", "FOCEI", "Laplace"]
 
@@ -45,7 +45,7 @@ class Laplace:
     maxiter
         Outer (BFGS) iterations.
     gtol, ftol
-        Outer convergence (BFGS, see `_bfgs`): largest ``|d OFV / d theta|`` (unconstrained scale)
+        Outer convergence (BFGS, see `bfgs`): largest ``|d OFV / d theta|`` (unconstrained scale)
         at most ``gtol``, or the predicted further decrease of the OFV at most ``ftol``.
     ebe_max_iter, ebe_gtol
         Inner Newton iterations and tolerance on ``max |d l_i / d eta|``.
@@ -278,7 +278,7 @@ class _Problem:
         return status, "; ".join(notes)
 
     def finish(self, x_hat, ofv, grad, ebe, message, success, compile_s, run_s, n_eval):
-        from ._finish import build_result
+        from .finish import build_result
 
         status, message = self.status(ofv, grad, ebe, message, success)
         start = time.perf_counter()
@@ -357,7 +357,7 @@ def _compiled(key, engine: str, objective: Objective, use_map: bool, free: np.nd
 def _predict(objective: Objective, theta, eta, pop):
     """PRED (eta = 0), IPRED (at the EBEs), residual variance and curvature at the EBEs, and the
     precision of the random-effect distribution at eta = 0 (Omega^-1 for Gaussian random effects)."""
-    from ._finish import site_means
+    from .finish import site_means
 
     zero = jnp.zeros_like(eta)
     pred = site_means(objective.density, theta, zero, pop)

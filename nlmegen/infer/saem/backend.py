@@ -3,7 +3,7 @@
 One SAEM iteration k (Delyon, Lavielle & Moulines 1999; Kuhn & Lavielle 2004, 2005):
 
 1. **Simulation (E-step).** A few MCMC transitions of every subject's random effects given the
-   current ``theta_k`` (`._saem_kernels`: random walk, HMC or NUTS, each subject with its own
+   current ``theta_k`` (`.kernels`: random walk, HMC or NUTS, each subject with its own
    adapted step size and proposal shape; the chains are carried over between iterations).
 2. **Stochastic approximation and maximisation.** The model is a general NumPyro program, so the
    complete-data log-likelihood ``L(theta; eta) = sum_i log p(y_i, eta_i | theta)`` is not assumed
@@ -67,13 +67,13 @@ import numpyro
 import optax
 from tqdm.auto import tqdm
 
-from .._errors import ModelError
-from ..dynamics.ode import forward_mode
-from ..model import discover
-from ._laplace import check_population
-from ._result import _positive_valued
-from ._saem_kernels import KERNELS, TARGET_ACCEPT, EState, adapt, hmc_step, nuts_step, rwm_step
-from ._start import starting_point, theta_labels
+from ..._errors import ModelError
+from ...dynamics.ode import forward_mode
+from ...model import discover
+from ..laplace.backend import check_population
+from ..shared.result import _positive_valued
+from ..shared.start import starting_point, theta_labels
+from .kernels import KERNELS, TARGET_ACCEPT, EState, adapt, hmc_step, nuts_step, rwm_step
 
 __all__ = ["SAEM"]
 
@@ -234,7 +234,7 @@ class SAEM:
         """Estimate the population parameters of ``model`` on ``pop``; returns a `FitResult`."""
         if key is None:
             raise ValueError("SAEM needs key=jax.random.key(...)")
-        from ._saem_finish import finish
+        from .finish import finish
 
         with numpyro.validation_enabled(False):
             start = time.perf_counter()
@@ -296,7 +296,7 @@ class _SAEMProblem:
         @jax.jit
         def derivs(theta, eta):
             jt = jax.jacfwd(lambda t: parts(theta.at[plain].set(t), eta))(theta[plain])  # ([n, p'], [n, p'])
-            from ._objective import _columns
+            from ..laplace.objective import _columns
 
             je = _columns(lambda e: parts(theta, e)[0], eta)  # [n, d]
             full = [jnp.zeros((pop.n_subjects, theta.size)).at[:, plain].set(j) for j in jt]
@@ -353,7 +353,7 @@ class _SAEMProblem:
 
     def initial_state(self, key):
         """The loop's carry at the start: chains at eta = 0 with proposal shapes from the curvature."""
-        from ._objective import _columns
+        from ..laplace.objective import _columns
 
         n, d, c = self.pop.n_subjects, self.n_eta, self.n_chains
         theta = jnp.asarray(self.theta0)
@@ -530,7 +530,8 @@ class _SAEMProblem:
         b = self.backend
         leaves = jax.tree_util.tree_leaves(self.pop)
         key = (self.model, b.kernel, b.n_kernel_steps, b.num_leapfrog, b.max_tree_depth, b.anneal, b.max_step,
-               b.hessian, b.network_lr, b.chunk, self.n_chains, tuple(self.free_idx.tolist()), tuple(self.centre.tolist()),
+               b.hessian, b.network_lr, b.chunk, self.n_chains, tuple(self.free_idx.tolist()),
+               tuple(self.centre.tolist()),
                tuple(self.variance_like.tolist()), jax.tree_util.tree_structure(self.pop),
                tuple((x.shape, x.dtype) for x in leaves))
         if key in _CACHE:

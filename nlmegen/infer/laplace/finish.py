@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ..model import Density
-from ._covariance import delta_method
-from ._objective import _unwrap
-from ._result import FitResult
-from ._start import theta_labels
+from ...model import Density
+from ..shared.covariance import delta_method
+from ..shared.result import FitResult
+from ..shared.start import theta_labels
+from .objective import _unwrap
 
 __all__ = ["build_result", "site_means"]
 
@@ -94,7 +94,7 @@ def _shrinkage(pop, eta, precision, ipred, var) -> dict[str, np.ndarray]:
 
 def build_result(problem, x_hat, ofv, ebe, status, message, cov, timings) -> FitResult:
     """Assemble the `FitResult` of a Laplace-family fit."""
-    from ._laplace import information_criteria
+    from .backend import information_criteria
 
     pop, density = problem.pop, problem.density
     theta = problem.full(np.asarray(x_hat))

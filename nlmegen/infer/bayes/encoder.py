@@ -34,8 +34,8 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
 
-from .._errors import ModelError
-from ..model import subjects
+from ..._errors import ModelError
+from ...model import subjects
 
 __all__ = ["EncoderConfig", "EncoderGuide", "encoder_config", "encoder_forward"]
 
