@@ -4,10 +4,12 @@ in minutes"): compile and warm times of the FOCEI objective + gradient, and whol
 Usage: python benchmarks/engine.py [--quick] [--cases a,b,...] [--out benchmarks/results/engine.json]
 
 Cases (60 subjects of the seeds' IDR design, data simulated from the Hill model; 2 CPU cores):
-- ``idr_fit``: the IDR (Hill) model fitted by FOCEI with the reverse engine (and, with
-  ``--forward``, the forward engine: today's scheme before the reverse engine, several minutes);
+- ``idr_fit``: the IDR (Hill) model fitted by FOCEI from the priors' medians on the data of
+  `benchmarks/run.py`, with the reverse engine (and, with ``--forward``, the forward engine: the
+  scheme before the reverse engine);
 - ``gradient``: one OFV + gradient (warm EBEs) for the Hill model, the 1-16-16-1 MLP drug effect
-  with all ~330 parameters free, and the same with the network's weights fixed (~11 free);
+  with all ~330 parameters free, and the same with the network's weights fixed (9 free); with
+  ``--forward`` also by the forward engine;
 - ``deepnlme_fit``: DeepNLME (MLP of concentration and one extra random effect, ~40 free
   parameters) fitted by FOCEI to convergence;
 - ``deepnlme_saem``: the same model by SAEM (Newton M-step for the parameters, Adam for the weights);
@@ -31,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 import nlmegen
-from nlmegen.examples import IDR_TRUTH, idr_model, idr_nn_model, simulate_idr
+from nlmegen.examples import IDR_TRUTH, idr_model, idr_nn_model
 from nlmegen.infer.laplace.backend import _Problem
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,7 +42,10 @@ NN_INIT = {"log_ka": 0.0, "log_cl": 0.7, "log_vc": 3.0, "log_kin": 2.3, "log_kou
 
 
 def study(n_subjects: int):
-    return nlmegen.read_nonmem(simulate_idr(n_subjects, key=jax.random.key(1)))
+    """The IDR study of `benchmarks/run.py` (same CSV file, same seed)."""
+    from _design import idr_design
+
+    return nlmegen.read_nonmem(idr_design(n_subjects))
 
 
 def nn_init(model, n_eta: int) -> dict:
@@ -101,10 +106,10 @@ def main() -> None:
         out_path.write_text(json.dumps(results, indent=2, default=float))
 
     if "idr_fit" in cases:
-        print(f"IDR (Hill), {n} subjects, FOCEI fit", flush=True)
-        results["idr_fit"] = {"reverse": fit_case(idr_model, pop, IDR_TRUTH, "reverse")}
+        print(f"IDR (Hill), {n} subjects, FOCEI fit from the priors' medians (as benchmarks/run.py)", flush=True)
+        results["idr_fit"] = {"reverse": fit_case(idr_model, pop, None, "reverse")}
         if args.forward:
-            results["idr_fit"]["forward"] = fit_case(idr_model, pop, IDR_TRUTH, "forward")
+            results["idr_fit"]["forward"] = fit_case(idr_model, pop, None, "forward")
         save()
     if "gradient" in cases:
         print(f"OFV + gradient, {n} subjects (warm EBEs)", flush=True)
@@ -116,6 +121,12 @@ def main() -> None:
             "mlp_all_free": gradient_case(mlp, pop, init, None, "reverse", 3),
             "mlp_weights_fixed": gradient_case(mlp, pop, init, weights, "reverse", 3),
         }
+        if args.forward:  # the same with the forward engine (one tangent per parameter): the "before"
+            results["gradient"]["forward"] = {
+                "hill": gradient_case(idr_model, pop, IDR_TRUTH, None, "forward", 3),
+                "mlp_weights_fixed": gradient_case(mlp, pop, init, weights, "forward", 3),
+                "mlp_all_free": gradient_case(mlp, pop, init, None, "forward", 1),
+            }
         g = results["gradient"]
         g["ratio_all_free_vs_fixed"] = g["mlp_all_free"]["run_s"] / g["mlp_weights_fixed"]["run_s"]
         g["ratio_mlp_vs_hill"] = g["mlp_all_free"]["run_s"] / g["hill"]["run_s"]

@@ -130,7 +130,7 @@ def solve_with_sensitivities(cfg, pop, params, y0s, specs) -> tuple[Array, Array
     """States ``[subj, obs, n]`` and status ``[subj]`` through the custom-JVP solve."""
     from . import ode
 
-    if cfg.n_ss or "steady_state" in getattr(pop, "features", ()) and ode._concrete(pop.dose_ss) is None:
+    if cfg.n_ss:  # (with traced data: whenever the population's features include steady state)
         raise SensitivityUnsupported("steady-state doses (SS=1/2) are not covered by the sensitivity-augmented "
                                      "solve")
     mode = active()
@@ -200,8 +200,7 @@ def _solve_jvp(static, primals, tangents):
             start += m
         return jax.tree.unflatten(tree, out)
 
-    per_subject = [leaf for leaf in leaves]
-    states, sens, status = jax.vmap(partial(_subject_sens, cfg, rebuild))(u, per_subject, *data)
+    states, sens, status = jax.vmap(partial(_subject_sens, cfg, rebuild))(u, list(leaves), *data)
     failed = (status != 0)[:, None, None]
     states = jnp.where(failed, jnp.nan, states)
     sens = jnp.where(failed[..., None], jnp.nan, sens)
@@ -231,7 +230,6 @@ def _subject_sens(cfg, rebuild, u, rest, dose_arrays, obs, resets):
     jac, _ = jax.jacfwd(grid_parts, has_aux=True)(u)
     dtime, drate, dbolus, dt_init, dy0 = jac  # [G, P], [G, n, P], [G, n, P], [P], [n, P]
     p_of = lambda u_: inputs(u_)[0]  # noqa: E731
-    n, n_dir = y0.shape[0], u.shape[0]
 
     def field(t, y, u_, rate_i):
         return cfg.rhs(t, y, p_of(u_)) + rate_i
@@ -255,7 +253,6 @@ def _subject_sens(cfg, rebuild, u, rest, dose_arrays, obs, resets):
     (_, _, _, _, status), (ys, ss) = jax.lax.scan(step, init, xs)
     states, sens = ys[pos_obs], ss[pos_obs]
     status = jnp.where((status == 0) & ~jnp.all(jnp.isfinite(states)), ode.NON_FINITE, status)
-    del n, n_dir
     return states, sens, status
 
 
