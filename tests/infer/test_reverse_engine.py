@@ -96,8 +96,10 @@ def test_laplace_gradient_equals_finite_differences(pop):
 
 
 def test_auto_engine_choice(pop):
-    ode = _Problem.build(nlmegen.FOCEI(progress=False), MODEL, pop, INIT, None)
-    assert ode.resolve_engine() == "reverse"
+    network = _Problem.build(nlmegen.FOCEI(progress=False), MODEL, pop, INIT, None)
+    assert network.resolve_engine() == "reverse"
+    hill = _Problem.build(nlmegen.FOCEI(progress=False), nlmegen.examples.idr_model, pop, None, None)
+    assert hill.resolve_engine() == "forward"  # 14 parameters: the forward engine is as fast
     theo = nlmegen.read_nonmem(nlmegen.datasets.load("theo_sd"))
     closed = _Problem.build(nlmegen.FOCEI(progress=False), nlmegen.examples.theo_model, theo, None, None)
     assert closed.resolve_engine() == "forward"
