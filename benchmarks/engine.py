@@ -160,12 +160,9 @@ def main() -> None:
 
 def ude_problem():
     """The seeds' one-subject training problem: 36 regimens, IDR data without random effects."""
-    import jax.numpy as jnp
-    import numpyro
-    import numpyro.distributions as dist
     import pandas as pd
 
-    from nlmegen.examples import MLP, _idr_y0, idr_population
+    from nlmegen.examples import idr_population
 
     tables = []
     for k, (dose, interval, n_doses) in enumerate(
@@ -177,27 +174,8 @@ def ude_problem():
     sims = nlmegen.simulate(idr_model, truth, nlmegen.read_nonmem(table, allow_missing_dv=True),
                             key=jax.random.key(0))
     table.loc[table["EVID"] == 0, "DV"] = sims["value"].to_numpy()
-    net = MLP((1, 8, 8, 1), rngs=nnx.Rngs(0))
-
-    def ude(pop):
-        logs = {k: numpyro.sample(f"log_{k}", dist.Normal(0.0, 2.0)) for k in ("ka", "cl", "vc", "kin", "kout")}
-        sigma_conc = numpyro.sample("sigma_conc", dist.HalfNormal(1.0))
-        sigma_resp = numpyro.sample("sigma_resp", dist.HalfNormal(5.0))
-        effect = nlmegen.nn("effect", net)
-
-        def rhs(t, y, p):
-            h = effect((y[1] / p["vc"])[None])[0]
-            return jnp.stack([-p["ka"] * y[0], p["ka"] * y[0] - p["cl"] / p["vc"] * y[1],
-                              p["kin"] * (1.0 + h) - p["kout"] * y[2]])
-
-        with nlmegen.subjects(pop):
-            p = {k: jnp.broadcast_to(jnp.exp(v), (pop.n_subjects,)) for k, v in logs.items()}
-            x = nlmegen.ode.solve(rhs, pop, p, y0=_idr_y0)
-            nlmegen.observe("conc", nlmegen.proportional(x[..., 1] / p["vc"][:, None], sigma_conc), pop,
-                            output="conc")
-            nlmegen.observe("resp", nlmegen.additive(x[..., 2], sigma_resp), pop, output="resp")
-
-    init = {**NN_INIT, "effect$params": nnx.to_pure_dict(nnx.state(net, nnx.Param))}
+    ude = idr_nn_model((8, 8), random_effects=False)
+    init = {**NN_INIT, "effect$params": nnx.to_pure_dict(nnx.state(ude.net, nnx.Param))}
     return ude, nlmegen.read_nonmem(table), init
 
 

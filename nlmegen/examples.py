@@ -141,7 +141,7 @@ class MLP(nnx.Module):
 
 
 def idr_nn_model(hidden: tuple[int, ...] = (16, 16), *, n_eta_nn: int = 0, seed: int = 0, rtol: float = 1e-6,
-                 atol: float = 1e-9):
+                 atol: float = 1e-9, random_effects: bool = True):
     """The IDR model with a neural drug effect: a universal differential equation, or DeepNLME.
 
     ``dR/dt = kin (1 + NN(C, eta_nn)) - kout R`` with ``NN`` an :class:`MLP` of the concentration
@@ -149,7 +149,9 @@ def idr_nn_model(hidden: tuple[int, ...] = (16, 16), *, n_eta_nn: int = 0, seed:
     the seeds' "random effects as network inputs"). PK as in :func:`idr_model`; log-normal IIV on
     ka and kout (``eta[..., 0:2]``), ``eta[..., 2:]`` go to the network. The network's weights are
     the population site ``effect$params``; population parameters ``log_ka, log_cl, log_vc,
-    log_kin, log_kout``, ``omega`` (``2 + n_eta_nn``), ``sigma_conc``, ``sigma_resp``.
+    log_kin, log_kout``, ``omega`` (``2 + n_eta_nn``), ``sigma_conc``, ``sigma_resp``. With
+    ``random_effects=False`` there are no random effects (and no ``omega``): one subject, or the
+    seeds' single-subject training on many regimens given as pseudo-subjects (naive pooling).
 
     Returns the model function (a NumPyro program); ``model.net`` is the initial network.
     """
@@ -167,13 +169,17 @@ def idr_nn_model(hidden: tuple[int, ...] = (16, 16), *, n_eta_nn: int = 0, seed:
 
     def model(pop: Population) -> None:
         logs = {k: numpyro.sample(f"log_{k}", dist.Normal(c, 2.0)) for k, c in zip(names, centres, strict=True)}
-        omega = numpyro.sample("omega", dist.HalfNormal(jnp.ones(2 + n_eta_nn)).to_event(1))
+        if random_effects:
+            omega = numpyro.sample("omega", dist.HalfNormal(jnp.ones(2 + n_eta_nn)).to_event(1))
         sigma_conc = numpyro.sample("sigma_conc", dist.HalfNormal(1.0))
         sigma_resp = numpyro.sample("sigma_resp", dist.HalfNormal(5.0))
         effect = nn("effect", net)
         with subjects(pop):
-            eta = numpyro.sample("eta", dist.Normal(0.0, omega).to_event(1))
             shape = (pop.n_subjects,)
+            if random_effects:
+                eta = numpyro.sample("eta", dist.Normal(0.0, omega).to_event(1))
+            else:
+                eta = jnp.zeros((*shape, 2 + n_eta_nn))
             p = {k: jnp.broadcast_to(jnp.exp(logs[k]), shape) for k in names}
             p["ka"] = p["ka"] * jnp.exp(eta[..., 0])
             p["kout"] = p["kout"] * jnp.exp(eta[..., 1])

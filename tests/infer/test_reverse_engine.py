@@ -107,36 +107,13 @@ def test_auto_engine_choice(pop):
         _Problem.build(nlmegen.Laplace(engine="reverse"), MODEL, pop, INIT, None).resolve_engine()
 
 
-def _ude(pop):
-    """The UDE without random effects (one subject on several regimens, or naive pooled)."""
-    import jax.numpy as jnp
-    import numpyro
-    import numpyro.distributions as dist
-
-    from nlmegen.examples import _idr_y0
-
-    logs = {k: numpyro.sample(f"log_{k}", dist.Normal(0.0, 2.0)) for k in ("ka", "cl", "vc", "kin", "kout")}
-    sigma = numpyro.sample("sigma_resp", dist.HalfNormal(5.0))
-    effect = nlmegen.nn("effect", UDE_NET)
-
-    def rhs(t, y, p):
-        h = effect((y[1] / p["vc"])[None])[0]
-        return jnp.stack([-p["ka"] * y[0], p["ka"] * y[0] - p["cl"] / p["vc"] * y[1],
-                          p["kin"] * (1.0 + h) - p["kout"] * y[2]])
-
-    with nlmegen.subjects(pop):
-        p = {k: jnp.broadcast_to(jnp.exp(v), (pop.n_subjects,)) for k, v in logs.items()}
-        x = nlmegen.ode.solve(rhs, pop, p, y0=_idr_y0, rtol=1e-10, atol=1e-12)
-        nlmegen.observe("resp", nlmegen.additive(x[..., 2], sigma), pop, output="resp")
-
-
-UDE_NET = nlmegen.examples.MLP((1, 3, 1), rngs=nnx.Rngs(1))
+UDE = idr_nn_model((3,), random_effects=False, seed=1, rtol=1e-10, atol=1e-12)
 
 
 def test_models_without_random_effects(pop):
-    init = {k: INIT[k] for k in ("log_ka", "log_cl", "log_vc", "log_kin", "log_kout", "sigma_resp")}
-    init["effect$params"] = nnx.to_pure_dict(nnx.state(UDE_NET, nnx.Param))
-    problem = _Problem.build(nlmegen.FOCEI(progress=False), _ude, pop, init, None)
+    init = {k: v for k, v in INIT.items() if k != "omega"}
+    init["effect$params"] = nnx.to_pure_dict(nnx.state(UDE.net, nnx.Param))
+    problem = _Problem.build(nlmegen.FOCEI(progress=False), UDE, pop, init, None)
     problem.compile()
     assert problem.engine == "reverse"
     x = problem.theta0[problem.free] + 0.05 * np.sin(np.arange(int(problem.free.sum())))
@@ -145,5 +122,5 @@ def test_models_without_random_effects(pop):
     idx = [problem.free_labels.index(lab) for lab in labels]
     assert _relative(grad[idx], _finite_differences(problem, x, labels)) < 1e-5
     # the OFV is -2 log p(y | theta) without NONMEM's constant
-    fit = nlmegen.fit(_ude, pop, method=nlmegen.FOCEI(progress=False, covariance="none", maxiter=30), init=init)
+    fit = nlmegen.fit(UDE, pop, method=nlmegen.FOCEI(progress=False, covariance="none", maxiter=30), init=init)
     assert np.isfinite(fit.ofv) and fit.ofv < ofv
