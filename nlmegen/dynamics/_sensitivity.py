@@ -221,15 +221,16 @@ def _subject_sens(cfg, rebuild, u, rest, dose_arrays, obs, resets):
         doses = ode._dose_table(dose_arrays, specs, n_states=y0.shape[0])
         return params, y0, doses
 
-    def grid_parts(u_):
+    def grid_parts(u_):  # the grid's differentiable parts, and (as aux) its discrete parts and values
         params, y0, doses = inputs(u_)
         time, rate, is_reset, ss1, ss2, _, bolus, pos_obs, t_init = ode._grid(cfg, y0, obs, doses, resets, None)
-        return (time, rate, bolus, t_init, y0), (is_reset, ss1, ss2, pos_obs)
+        values = (time, rate, bolus, t_init, y0)
+        return values, ((is_reset, ss1, ss2, pos_obs), values)
 
-    (time, rate, bolus, t_init, y0), (is_reset, ss1, ss2, pos_obs) = grid_parts(u)
-    jac, _ = jax.jacfwd(grid_parts, has_aux=True)(u)
+    # one trace of the grid: its Jacobian, with the values and discrete parts as jacfwd's aux
+    jac, ((is_reset, ss1, ss2, pos_obs), (time, rate, bolus, t_init, y0)) = jax.jacfwd(grid_parts, has_aux=True)(u)
     dtime, drate, dbolus, dt_init, dy0 = jac  # [G, P], [G, n, P], [G, n, P], [P], [n, P]
-    p_of = lambda u_: inputs(u_)[0]  # noqa: E731
+    p_of = lambda u_: rebuild(u_, rest)[0]  # noqa: E731
 
     def field(t, y, u_, rate_i):
         return cfg.rhs(t, y, p_of(u_)) + rate_i

@@ -65,7 +65,7 @@ class Laplace:
         How the OFV's gradient is computed. ``"forward"``: forward mode throughout (one tangent per
         free parameter; fastest for closed-form models with few parameters). ``"reverse"``: ODE
         solves carry their random-effect sensitivities and the gradient over all population
-        parameters is one reverse-mode pass (`_reverse`; FO/FOCE/FOCEI; its cost does not grow with
+        parameters is one reverse-mode pass (`reverse`; FO/FOCE/FOCEI; its cost does not grow with
         the number of parameters, e.g. network weights). ``"auto"`` (default): reverse for models
         with network weights, more than 32 free parameters or no random effects; forward otherwise
         (and for Laplace, and for steady-state ODE dosing, which the sensitivity solve does not
@@ -178,31 +178,35 @@ class _Problem:
             return "forward"
         if engine != "auto":
             return engine
-        with recording() as calls:
-            jax.eval_shape(lambda t, e, p: jax.tree.leaves(self.density.subject_terms(t, e, p)),
-                           jnp.asarray(self.theta0), self.eta, self.pop)
-        if any(c.n_ss for c in calls):
-            return "forward"
         network = any(b.leaf_shapes is not None for b in self.density.theta_space.blocks)
         many = int(self.free.sum()) > AUTO_REVERSE_PARAMS
-        return "reverse" if network or many or not self.density.sites.n_eta else "forward"
+        if not (network or many or not self.density.sites.n_eta):
+            return "forward"
+        with recording() as calls:  # steady-state ODE dosing: forward (the sensitivity solve lacks it)
+            jax.eval_shape(lambda t, e, p: jax.tree.leaves(self.density.subject_terms(t, e, p)),
+                           jnp.asarray(self.theta0), self.eta, self.pop)
+        return "forward" if any(c.n_ss for c in calls) else "reverse"
 
     def compile(self) -> float:
         """Compile the evaluation function once (cached across fits); return the seconds spent."""
         start = time.perf_counter()
         self.engine = self.resolve_engine()
-        key = (self.model, self.backend.method, self.backend.ebe_max_iter, self.backend.ebe_gtol,
-               self.backend.map, self.engine, tuple(self.free.tolist()), jax.tree_util.tree_structure(self.pop),
-               tuple(x.shape for x in jax.tree_util.tree_leaves(self.pop)))
-        args = (self.objective, self.backend.map, self.free, self.pop, self.eta, jnp.asarray(self.theta0))
+
+        def compiled(engine):
+            key = (self.model, self.backend.method, self.backend.ebe_max_iter, self.backend.ebe_gtol,
+                   self.backend.map, engine, tuple(self.free.tolist()), jax.tree_util.tree_structure(self.pop),
+                   tuple(x.shape for x in jax.tree_util.tree_leaves(self.pop)))
+            return _compiled(key, engine, self.objective, self.backend.map, self.free, self.pop, self.eta,
+                             jnp.asarray(self.theta0))
+
         try:
-            self.fns = _compiled(key, self.engine, *args)
+            self.fns = compiled(self.engine)
         except SensitivityUnsupported as err:
             if self.backend.engine == "reverse":
                 raise ModelError(f"engine='reverse' cannot fit this model: {err}; use engine='forward'") from err
             self.warnings.append(f"gradient by forward mode: {err}")
             self.engine = "forward"
-            self.fns = _compiled(key[:5] + ("forward",) + key[6:], "forward", *args)
+            self.fns = compiled("forward")
         return time.perf_counter() - start
 
     def evaluate(self, theta_free: np.ndarray):

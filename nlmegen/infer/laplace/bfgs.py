@@ -176,8 +176,8 @@ def _wolfe(fun, x, f, slope, direction, alpha, alpha_max, max_evals, c1=1e-4, c2
             if np.isfinite(f_hi) and np.isfinite(d_lo):  # minimiser of the quadratic through lo's f, slope and hi's f
                 denom = 2.0 * (f_hi - f_lo - d_lo * (hi - lo))
                 a = lo - d_lo * (hi - lo) ** 2 / denom if denom > 0 else 0.5 * (lo + hi)
-                a = float(np.clip(a, lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo))) if hi > lo else \
-                    float(np.clip(a, hi + 0.1 * (lo - hi), lo - 0.1 * (lo - hi)))
+                left, width = min(lo, hi), abs(hi - lo)  # safeguard: inside the interval's middle 80%
+                a = float(np.clip(a, left + 0.1 * width, left + 0.9 * width))
             else:
                 a = 0.5 * (lo + hi)
             f_a, g_a, aux_a, d_a = evaluate(a)

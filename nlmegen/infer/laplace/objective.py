@@ -232,16 +232,15 @@ class Objective:
         (vals, cols), aux = _value_and_columns_aux(fn, eta)
         mask, y = aux["mask"], aux["y"]
         g, dvar = cols["f"], cols["var"]
-        w0 = None
-        if self.method == "foce" and var0 is not None:  # frozen variances: log-likelihood and gradient at var0
-            loglik = _gaussian_loglik(y, vals["f"], var0, mask)
-            w0 = jnp.where(mask, 1.0 / jnp.where(mask, var0, 1.0), 0.0)
-            grad = jnp.einsum("so,so,sok->sk", w0, jnp.where(mask, y - vals["f"], 0.0), g) + cols["prior"]
-            var, dvar = var0, jnp.zeros_like(dvar)
-        else:
-            loglik, var = vals["loglik"], vals["var"]
-            grad = cols["loglik"] + cols["prior"]
+        frozen = self.method == "foce" and var0 is not None
+        var, dvar = (var0, jnp.zeros_like(dvar)) if frozen else (vals["var"], dvar)
         w = jnp.where(mask, 1.0 / jnp.where(mask, var, 1.0), 0.0)
+        if frozen:  # FOCE: log-likelihood and its gradient with the variances at var0
+            loglik = _gaussian_loglik(y, vals["f"], var0, mask)
+            grad = jnp.einsum("so,so,sok->sk", w, jnp.where(mask, y - vals["f"], 0.0), g) + cols["prior"]
+        else:
+            loglik = vals["loglik"]
+            grad = cols["loglik"] + cols["prior"]
         a = self.prior_curvature_static(theta, eta, pop)
         a = a + jnp.einsum("so,sok,sol->skl", w, g, g) + 0.5 * jnp.einsum("so,sok,sol->skl", w**2, dvar, dvar)
         return Local(loglik + vals["prior"], grad, a, loglik, vals["prior"], vals["f"], var, y, mask, g)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...dynamics._sensitivity import no_dynamics
-from .objective import LOG_2PI, EBEState, Objective, _value_and_columns
+from .objective import LOG_2PI, EBEState, Objective, _n_observations, _value_and_columns
 
 __all__ = ["reverse_value_and_grad"]
 
@@ -52,6 +52,13 @@ def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.nda
             return None
         zero = jnp.zeros((pop.n_subjects, objective.n_eta))
         return objective.local(theta, zero, pop, None, adjoint).var
+
+    def map_penalty(theta, pop, n_subjects):
+        """MAP: a subject's share of ``-2 log p(theta)`` (the prior does not depend on the dynamics)."""
+        if not use_map:
+            return 0.0
+        with no_dynamics():
+            return -2.0 * objective.density.log_prior(theta, pop, jacobian=False) / n_subjects
 
     def multipliers(theta, eta, pop):
         """``lambda_i = H_i^-1 dF_i/d eta`` at the EBEs (values: no theta-derivatives)."""
@@ -81,11 +88,7 @@ def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.nda
                 ofv = objective.local_ofv(loc, pop)[0]
                 correction = jnp.dot(lam[0], loc.grad[0])
                 ofv = ofv + correction - jax.lax.stop_gradient(correction)
-            if use_map:  # the population prior does not depend on the dynamics
-                with no_dynamics():
-                    log_prior = objective.density.log_prior(theta, pop, jacobian=False)
-                ofv = ofv - 2.0 * log_prior / n_subjects
-            return ofv
+            return ofv + map_penalty(theta, pop, n_subjects)
 
         var0 = var0_of(theta, pop, fwd)
         ebe = objective.ebe_local(theta, eta0, pop, var0)
@@ -108,12 +111,8 @@ def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.nda
         def subject_objective(theta_free, pop):
             theta = full(theta_free, theta_all)
             parts = objective._trace_parts(theta, jnp.zeros((1, 0)), pop, context=contextlib.nullcontext())
-            ofv = -2.0 * parts["loglik"][0] - jnp.sum(_observed(parts, pop)) * LOG_2PI
-            if use_map:
-                with no_dynamics():
-                    log_prior = objective.density.log_prior(theta, pop, jacobian=False)
-                ofv = ofv - 2.0 * log_prior / n_subjects
-            return ofv
+            ofv = -2.0 * parts["loglik"][0] - _n_observations(parts, pop)[0] * LOG_2PI
+            return ofv + map_penalty(theta, pop, n_subjects)
 
         ofv_i, grad_i = jax.vmap(jax.value_and_grad(subject_objective), in_axes=(None, 0))(
             theta_free, one_subject_populations(pop))
@@ -123,13 +122,6 @@ def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.nda
                 jnp.zeros((n_subjects, 0, theta_free.size)))
 
     return value_and_grad
-
-
-def _observed(parts: dict, pop):
-    """Observation records that count for the dropped ``n log(2 pi)`` (uncensored Gaussian ones)."""
-    if "mask" in parts:
-        return parts["mask"]
-    return pop.mask & (pop.cens == 0)
 
 
 def one_subject_populations(pop):
