@@ -81,3 +81,30 @@ def test_ebes_are_the_conditional_modes(wang):
     grid = jnp.linspace(-1.0, 1.0, 4001)
     joint = jax.vmap(lambda e: density.subject_log_joint(theta, jnp.full((10, 1), e), wang))(grid)
     np.testing.assert_allclose(state.eta[:, 0], grid[jnp.argmax(joint, axis=0)], atol=1e-3)
+
+
+@pytest.mark.parametrize("search", ["newton", "newton_local"])
+def test_a_stalled_subject_is_not_reported_converged(search):
+    """Subject 1's objective is finite only at its start (every trial step fails: it stalls) while
+    subject 0 needs several Newton steps; the stalled subject must come out not converged."""
+    from nlmegen.infer.laplace import objective as obj
+
+    def objective(e):
+        smooth = -jnp.sum(jnp.cosh(e - 3.0), axis=-1)
+        at_start = jnp.all(e == 0.0, axis=-1)
+        stuck = jnp.where(at_start, -jnp.sum((e - 3.0) ** 2, axis=-1), jnp.nan)
+        return jnp.where(jnp.arange(e.shape[0]) == 0, smooth, stuck)
+
+    def hessian(e):
+        h = jax.vmap(jax.hessian(lambda x: jnp.sum(-jnp.cosh(x - 3.0))))(e)
+        return -h + 1e-9 * jnp.eye(e.shape[-1])
+
+    eta0 = jnp.zeros((2, 2))
+    if search == "newton":
+        state = obj._newton(objective, hessian, eta0, max_iter=50, gtol=1e-8, max_halvings=20)
+    else:
+        local = lambda e: (obj._columns(objective, e), hessian(e))  # noqa: E731
+        state = obj._newton_local(objective, local, local, eta0, max_iter=50, gtol=1e-8, max_halvings=20)
+    assert bool(state.converged[0]) and np.allclose(state.eta[0], 3.0, atol=1e-6)
+    assert int(state.iterations) > 2  # subject 0 kept searching after subject 1 stalled
+    assert not bool(state.converged[1])

@@ -425,6 +425,33 @@ DECREMENT_TOL = 1e-12
 NOISE_DECREMENT = 1e-8
 
 
+def _gnorm(g: Array) -> Array:
+    """Each subject's largest absolute gradient entry (0 without random effects)."""
+    return jnp.max(jnp.abs(g), axis=-1) if g.shape[-1] else jnp.zeros(g.shape[:1])
+
+
+def _finished(done: Array, active: Array, decrement: Array, last: Array, noise: float) -> Array:
+    """Subjects whose search ends after this iteration's step.
+
+    Done after a step whose Newton decrement ``g' M^-1 g`` is below `DECREMENT_TOL` (Boyd &
+    Vandenberghe, Convex Optimization, 9.5.1: the step squares the error where Newton converges
+    quadratically), or below ``noise`` without halving since the last step (the objective's noise
+    floor). Only subjects that took a step this iteration (``active``) can finish: an inactive
+    subject's zeroed step has decrement 0, and a stalled subject must not be reported converged.
+    """
+    floor = (decrement <= noise) & (decrement > 0.5 * last)
+    return done | (active & ((decrement <= DECREMENT_TOL) | floor))
+
+
+def _ebe_state(eta: Array, value: Array, g: Array, it: Array, done: Array, gtol: float) -> EBEState:
+    """The search's result: converged where the gradient is small or the decrement test ended it."""
+    finite = jnp.isfinite(value)
+    converged = ((_gnorm(g) <= gtol) | done) & finite
+    # a subject stuck where no step improves is at its mode up to rounding: accept a small gradient
+    converged = converged | ((_gnorm(g) <= jnp.sqrt(gtol)) & finite)
+    return EBEState(eta, converged, _gnorm(g), it)
+
+
 def _newton(objective, matrix, eta0: Array, max_iter: int, gtol: float, max_halvings: int) -> EBEState:
     """Maximise ``objective: [subj, d] -> [subj]`` for all subjects at once (damped Newton).
 
@@ -435,17 +462,14 @@ def _newton(objective, matrix, eta0: Array, max_iter: int, gtol: float, max_halv
     """
     grad_fn = lambda e: _columns(objective, e)  # noqa: E731
 
-    def gnorm(g):
-        return jnp.max(jnp.abs(g), axis=-1) if g.shape[-1] else jnp.zeros(g.shape[:1])
-
     def cond(carry):
         eta, value, g, it, stalled, done, _ = carry
-        return (it < max_iter) & jnp.any((gnorm(g) > gtol) & ~stalled & ~done)
+        return (it < max_iter) & jnp.any((_gnorm(g) > gtol) & ~stalled & ~done)
 
     def body(carry):
         eta, value, g, it, stalled, done, last = carry
         step = jnp.linalg.solve(matrix(eta), g[..., None])[..., 0]
-        active = (gnorm(g) > gtol) & ~stalled & ~done
+        active = (_gnorm(g) > gtol) & ~stalled & ~done
         step = jnp.where(active[:, None], step, 0.0)
         new_eta, new_value, accepted = _line_search(objective, eta, value, step, max_halvings)
         new_g = grad_fn(new_eta)
@@ -453,8 +477,7 @@ def _newton(objective, matrix, eta0: Array, max_iter: int, gtol: float, max_halv
         # done after taking this last step (it squares the error where Newton converges quadratically);
         # also when a small decrement stops shrinking: the objective's noise floor (ODE tolerances)
         decrement = jnp.sum(g * step, axis=-1)
-        floor = (decrement <= NOISE_DECREMENT) & (decrement > 0.5 * last)
-        done = done | (decrement <= DECREMENT_TOL) | floor
+        done = _finished(done, active, decrement, last, NOISE_DECREMENT)
         return new_eta, new_value, new_g, it + 1, stalled, done, jnp.where(active, decrement, last)
 
     value0 = objective(eta0)
@@ -462,10 +485,7 @@ def _newton(objective, matrix, eta0: Array, max_iter: int, gtol: float, max_halv
     init = (eta0, value0, grad_fn(eta0), jnp.zeros((), int), ~jnp.isfinite(value0), jnp.zeros(n, bool),
             jnp.full(n, jnp.inf))
     eta, value, g, it, _, done, _ = jax.lax.while_loop(cond, body, init)
-    converged = ((gnorm(g) <= gtol) | done) & jnp.isfinite(value)
-    # a subject stuck where no step improves is at its mode up to rounding: accept a small gradient
-    converged = converged | ((gnorm(g) <= jnp.sqrt(gtol)) & jnp.isfinite(value))
-    return EBEState(eta, converged, gnorm(g), it)
+    return _ebe_state(eta, value, g, it, done, gtol)
 
 
 #: The sensitivity engine's noise floor: a subject whose Newton decrement (the largest further gain
@@ -495,12 +515,9 @@ def _newton_local(objective, scoring, newton, eta0: Array, max_iter: int, gtol: 
     def local(e, it):
         return jax.lax.cond(it < SCORING_ITERATIONS, scoring, newton, e)
 
-    def gnorm(g):
-        return jnp.max(jnp.abs(g), axis=-1) if g.shape[-1] else jnp.zeros(g.shape[:1])
-
     def cond(carry):
         eta, value, g, m, it, stalled, done, _ = carry
-        return (it < max_iter) & jnp.any((gnorm(g) > gtol) & ~stalled & ~done)
+        return (it < max_iter) & jnp.any((_gnorm(g) > gtol) & ~stalled & ~done)
 
     def body(carry):
         eta, value, g, m, it, stalled, done, last = carry
@@ -509,14 +526,13 @@ def _newton_local(objective, scoring, newton, eta0: Array, max_iter: int, gtol: 
         # subject's wild trial point (an extreme rate constant: a stiff, slow solve) cannot stall the batch
         size = jnp.max(jnp.abs(step), axis=-1, keepdims=True)
         step = step * jnp.minimum(1.0, MAX_EBE_STEP / jnp.where(size > 0, size, 1.0))
-        active = (gnorm(g) > gtol) & ~stalled & ~done & jnp.all(jnp.isfinite(step), axis=-1)
+        active = (_gnorm(g) > gtol) & ~stalled & ~done & jnp.all(jnp.isfinite(step), axis=-1)
         step = jnp.where(active[:, None], step, 0.0)
         new_eta, new_value, accepted = _line_search(objective, eta, value, step, max_halvings)
         new_g, new_m = local(new_eta, it + 1)
         stalled = stalled | (active & ~accepted) | ~jnp.all(jnp.isfinite(new_g), axis=-1)
         decrement = jnp.sum(g * step, axis=-1)
-        floor = (decrement <= ODE_NOISE_DECREMENT) & (decrement > 0.5 * last)
-        done = done | (decrement <= DECREMENT_TOL) | floor
+        done = _finished(done, active, decrement, last, ODE_NOISE_DECREMENT)
         return new_eta, new_value, new_g, new_m, it + 1, stalled, done, jnp.where(active, decrement, last)
 
     value0 = objective(eta0)
@@ -524,9 +540,7 @@ def _newton_local(objective, scoring, newton, eta0: Array, max_iter: int, gtol: 
     n = eta0.shape[0]
     init = (eta0, value0, g0, m0, jnp.zeros((), int), ~jnp.isfinite(value0), jnp.zeros(n, bool), jnp.full(n, jnp.inf))
     eta, value, g, _, it, _, done, _ = jax.lax.while_loop(cond, body, init)
-    converged = ((gnorm(g) <= gtol) | done) & jnp.isfinite(value)
-    converged = converged | ((gnorm(g) <= jnp.sqrt(gtol)) & jnp.isfinite(value))
-    return EBEState(eta, converged, gnorm(g), it)
+    return _ebe_state(eta, value, g, it, done, gtol)
 
 
 def _line_search(objective, eta, value, step, max_halvings):
