@@ -141,7 +141,7 @@ class MLP(nnx.Module):
 
 
 def idr_nn_model(hidden: tuple[int, ...] = (16, 16), *, n_eta_nn: int = 0, seed: int = 0, rtol: float = 1e-6,
-                 atol: float = 1e-9, random_effects: bool = True):
+                 atol: float = 1e-9, random_effects: bool = True, weight_prior: float | None = None):
     """The IDR model with a neural drug effect: a universal differential equation, or DeepNLME.
 
     ``dR/dt = kin (1 + NN(C, eta_nn)) - kout R`` with ``NN`` an :class:`MLP` of the concentration
@@ -152,6 +152,9 @@ def idr_nn_model(hidden: tuple[int, ...] = (16, 16), *, n_eta_nn: int = 0, seed:
     log_kin, log_kout``, ``omega`` (``2 + n_eta_nn``), ``sigma_conc``, ``sigma_resp``. With
     ``random_effects=False`` there are no random effects (and no ``omega``): one subject, or the
     seeds' single-subject training on many regimens given as pseudo-subjects (naive pooling).
+    ``weight_prior``: the standard deviation of a Normal prior on every weight (the weights are then
+    sample sites ``effect/...``; with ``map=True`` the ML backends add it as an L2 penalty,
+    DeepPumas' ``MAP(FOCE())``).
 
     Returns the model function (a NumPyro program); ``model.net`` is the initial network.
     """
@@ -173,7 +176,7 @@ def idr_nn_model(hidden: tuple[int, ...] = (16, 16), *, n_eta_nn: int = 0, seed:
             omega = numpyro.sample("omega", dist.HalfNormal(jnp.ones(2 + n_eta_nn)).to_event(1))
         sigma_conc = numpyro.sample("sigma_conc", dist.HalfNormal(1.0))
         sigma_resp = numpyro.sample("sigma_resp", dist.HalfNormal(5.0))
-        effect = nn("effect", net)
+        effect = nn("effect", net, prior=None if weight_prior is None else dist.Normal(0.0, weight_prior))
         with subjects(pop):
             shape = (pop.n_subjects,)
             if random_effects:

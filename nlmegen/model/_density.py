@@ -198,8 +198,16 @@ class Density:
         return loglik + prior
 
     def log_prior(self, theta: Array, pop, *, jacobian: bool = True) -> Array:
-        """log p(theta) of the population sample sites (``numpyro.param`` sites have no prior)."""
-        tr = self.trace(theta, jnp.zeros((pop.n_subjects, self.eta_space.size)), pop)
+        """log p(theta) of the population sample sites (``numpyro.param`` sites have no prior).
+
+        The model runs with its ODE solves replaced by zeros (`no_dynamics`): the prior does not
+        depend on them, and a solve would cost a full model run (and cannot be differentiated in
+        forward mode with diffrax's default adjoint).
+        """
+        from ..dynamics._sensitivity import no_dynamics
+
+        with no_dynamics():
+            tr = self.trace(theta, jnp.zeros((pop.n_subjects, self.eta_space.size)), pop)
         total = jnp.zeros(())
         for site in tr.values():
             if site["type"] == "sample" and not site["is_observed"] and SUBJECT_PLATE not in _plates(site):

@@ -137,6 +137,8 @@ def discover(model, pop, *args, **kwargs) -> Sites:
         in_subject = [p for p in site["plates"] if p[0] == SUBJECT_PLATE]
         nested = [p for p in site["plates"] if p[0] != SUBJECT_PLATE and in_subject]
         if site["type"] == "param":
+            if not site["leaf_shapes"]:  # no arrays: numpyro's random modules register only shapes here
+                continue
             size = int(sum(int(np.prod(s)) for s in site["leaf_shapes"]))
             population.append(Site(name, site["shape"] or (), site["support"], "param", size, site["tree"],
                                    tuple(site["leaf_shapes"])))

@@ -68,3 +68,54 @@ def test_saem_moves_network_weights_by_adam(pop):
 
 def _flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def test_joint_mode_warm_start_gives_conditional_modes(pop):
+    """The joint-mode warm start (Pumas' JointMAP) holds omega (the observations do not depend on it
+    given eta), lowers the joint objective, and its random effects are the conditional modes at its
+    parameters (the EBEs FOCEI then starts from)."""
+    import jax.numpy as jnp
+
+    from nlmegen.infer.shared.joint import joint_mode
+    from nlmegen.infer.shared.start import starting_point
+    from nlmegen.model import discover
+
+    sites = discover(MODEL, pop)
+    density, _, _, theta0, labels, free = starting_point(MODEL, pop, sites, _init(), None)
+    eta0 = jnp.zeros((pop.n_subjects, sites.n_eta))
+
+    def minus2_joint(theta, eta):
+        ll, prior = density.subject_terms(jnp.asarray(theta), eta, pop)
+        return -2.0 * float(jnp.sum(ll + prior))
+
+    free_labels = [lab for lab, f in zip(labels, free, strict=True) if f]
+    res = joint_mode(density, pop, theta0, free, theta0[free], eta0, free_labels, steps=60, use_map=False)
+    assert not any(lab.startswith("omega") for lab in res.moved)
+    assert any(lab.startswith("log_kin") for lab in res.moved) and any("effect" in lab for lab in res.moved)
+    theta = theta0.copy()
+    theta[free] = res.x
+    np.testing.assert_allclose(theta[[lab.startswith("omega") for lab in labels]],
+                               theta0[[lab.startswith("omega") for lab in labels]])
+    assert res.value < minus2_joint(theta0, eta0) - 100.0
+    np.testing.assert_allclose(res.value, minus2_joint(theta, res.eta), rtol=1e-10)
+    grad_eta = jax.grad(lambda e: jnp.sum(sum(density.subject_terms(jnp.asarray(theta), e, pop))))(res.eta)
+    assert float(jnp.max(jnp.abs(grad_eta))) < 0.05 * float(jnp.max(jnp.abs(
+        jax.grad(lambda e: jnp.sum(sum(density.subject_terms(jnp.asarray(theta0), e, pop))))(eta0))))
+
+
+def test_bayesian_network_weights_by_map_focei(pop):
+    """Weights with a prior (``nlmegen.nn(..., prior=...)``, sample sites) fitted by FOCEI with
+    ``map=True``: DeepPumas' MAP(FOCE()), the marginal likelihood plus an L2 penalty on the weights."""
+    model = idr_nn_model((3,), n_eta_nn=1, weight_prior=1.0)
+    start = {k: v for k, v in _init().items() if k != "effect$params"}
+    weights = nnx.to_pure_dict(nnx.state(model.net, nnx.Param))
+    start.update({f"effect/layers.{i}.{leaf}": np.asarray(weights["layers"][i][leaf])
+                  for i in (0, 1) for leaf in ("bias", "kernel")})
+    fit = nlmegen.fit(model, pop, method=nlmegen.FOCEI(maxiter=15, covariance="none", progress=False, map=True),
+                      init=start)
+    names = sorted(k for k in fit.params if k.startswith("effect/"))
+    assert names == ["effect/layers.0.bias", "effect/layers.0.kernel", "effect/layers.1.bias",
+                     "effect/layers.1.kernel"]
+    assert "effect$params" not in fit.params
+    assert np.isfinite(fit.ofv)
+    assert nlmegen.objective(model, pop, fit.params) < nlmegen.objective(model, pop, start) - 100.0

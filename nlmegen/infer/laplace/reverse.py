@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...dynamics._sensitivity import no_dynamics
 from .objective import LOG_2PI, EBEState, Objective, _n_observations, _value_and_columns
 
 __all__ = ["reverse_value_and_grad"]
@@ -57,8 +56,7 @@ def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.nda
         """MAP: a subject's share of ``-2 log p(theta)`` (the prior does not depend on the dynamics)."""
         if not use_map:
             return 0.0
-        with no_dynamics():
-            return -2.0 * objective.density.log_prior(theta, pop, jacobian=False) / n_subjects
+        return -2.0 * objective.density.log_prior(theta, pop, jacobian=False) / n_subjects
 
     def multipliers(theta, eta, pop):
         """``lambda_i = H_i^-1 dF_i/d eta`` at the EBEs (values: no theta-derivatives)."""

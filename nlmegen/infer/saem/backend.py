@@ -71,6 +71,7 @@ from ..._errors import ModelError
 from ...dynamics.ode import forward_mode
 from ...model import discover
 from ..laplace.backend import check_population
+from ..shared.joint import joint_mode, joint_steps
 from ..shared.result import _positive_valued
 from ..shared.start import starting_point, theta_labels
 from .kernels import KERNELS, TARGET_ACCEPT, EState, adapt, hmc_step, nuts_step, rwm_step
@@ -115,6 +116,12 @@ class SAEM:
         weights): their complete-data gradient, by one reverse-mode pass, drives Adam
         (`optax.adam`) with this learning rate, scaled by the stochastic-approximation step
         ``gamma_k`` (Robbins-Monro).
+    joint_steps
+        L-BFGS steps on the joint mode of the population parameters and all random effects (the
+        random effects' distribution held at its start; Pumas' ``JointMAP``, see `shared.joint`)
+        before the iterations: the network weights and structural parameters start near their
+        optimum and the chains at the joint mode's random effects. ``"auto"`` (default): up to 500
+        steps for models with network weights or more than 32 free parameters, none otherwise.
     n_conditional
         Iterations of the conditional-distribution run at the estimate (EBEs, IS proposal).
     is_draws, is_df
@@ -191,6 +198,7 @@ class SAEM:
     max_step: float = 1.0
     hessian: str = "exact"
     network_lr: float = 0.01
+    joint_steps: int | str = "auto"
     n_conditional: int = 200
     is_draws: int = 5000
     is_df: float = 5.0
@@ -266,8 +274,19 @@ class _SAEMProblem:
         if sites.n_eta == 0:
             raise ModelError("SAEM needs random effects (sample sites inside the subject plate); this model has "
                              "none: use method='focei'")
-        density, values, fixed_names, theta0, _, free = starting_point(model, pop, sites, init, fixed)
+        density, values, fixed_names, theta0, labels, free = starting_point(model, pop, sites, init, fixed)
         problem = cls(backend, model, pop, density, theta0, free, fixed_names, values)
+        problem.eta0 = jnp.zeros((pop.n_subjects, sites.n_eta))
+        steps = joint_steps(backend.joint_steps, density, free)
+        problem.joint = None
+        if steps and free.any():  # the warm start: parameters and chains from the joint mode
+            res = joint_mode(density, pop, theta0, free, theta0[free], problem.eta0,
+                             [lab for lab, f in zip(labels, free, strict=True) if f], steps=steps, use_map=False)
+            if np.isfinite(res.value):
+                problem.theta0 = theta0.copy()
+                problem.theta0[free] = res.x
+                problem.eta0 = res.eta
+            problem.joint = {"steps": res.steps, "seconds": res.seconds, "value": res.value}
         network = np.zeros(theta0.size, bool)  # network weights: Adam on the SA gradient, not Newton
         for block in density.theta_space.blocks:
             network[block.start:block.stop] = block.leaf_shapes is not None
@@ -357,7 +376,7 @@ class _SAEMProblem:
 
         n, d, c = self.pop.n_subjects, self.n_eta, self.n_chains
         theta = jnp.asarray(self.theta0)
-        eta = jnp.zeros((n, d))
+        eta = jnp.asarray(self.eta0)
 
         def curvature():
             grad = lambda e: _columns(lambda x: self.density.subject_log_joint(theta, x, self.pop), e)  # noqa: E731
@@ -369,7 +388,7 @@ class _SAEMProblem:
         chol = np.linalg.cholesky(cov + 1e-10 * np.eye(d))
         log_step0 = {"rwm": math.log(2.38 / math.sqrt(d)), "hmc": math.log(0.5), "nuts": math.log(0.5)}
         phi = jnp.broadcast_to(self.shift(theta), (c, n, d))
-        estate = EState(eta=jnp.zeros((c, n, d)), logp=jnp.zeros((c, n)),
+        estate = EState(eta=jnp.broadcast_to(eta, (c, n, d)), logp=jnp.zeros((c, n)),
                         log_step=jnp.full((c, n), log_step0[self.backend.kernel]),
                         chol=jnp.broadcast_to(jnp.asarray(chol), (c, n, d, d)))
         p = self.newton_idx.size

@@ -178,6 +178,8 @@ def finish(problem, run) -> FitResult:
     warnings = list(problem.warnings)
     n_obs = int((np.asarray(pop.mask) & (np.asarray(pop.cens) == 0)).sum())
     timings = {"setup_s": run.get("setup_s", 0.0), "compile_s": run["compile_s"], "run_s": run["run_s"]}
+    if getattr(problem, "joint", None):  # the joint-mode warm start (part of setup_s)
+        timings.update(joint_s=problem.joint["seconds"], joint_steps=float(problem.joint["steps"]))
 
     m2ll, m2ll_se = math.nan, math.nan
     if b.is_draws and status != "failed":

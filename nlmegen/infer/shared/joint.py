@@ -1,0 +1,144 @@
+"""The joint-mode warm start of the conditional methods (Pumas' ``JointMAP``) for network weights.
+
+Far from the optimum, a FOCEI iteration is expensive: every OFV evaluation runs an EBE search per
+subject, and BFGS on network weights needs hundreds of them. The joint mode of the population
+parameters and all subjects' random effects,
+
+    max over (theta, eta_1..eta_N) of  sum_i [log p(y_i | eta_i, theta) + log p(eta_i | theta)],
+
+needs no inner search: each L-BFGS step is one model run and one reverse-mode pass over all
+subjects. With the random effects' distribution held at its start (its scale would collapse to 0
+at the joint mode: the density of ``eta = 0`` grows without bound as ``omega -> 0``), this is a
+penalised least-squares fit whose solution puts the network weights and the structural parameters
+near the marginal optimum, and whose random effects are the EBEs at that point. FOCEI then starts
+there. DeepPumas' documented workflow is the same two stages (``fit(..., JointMAP())`` then
+``fit(..., FOCE())``, Pumas 2.x documentation, "Neural-embedded NLME"); the joint objective is the
+h-likelihood of Lee & Nelder (J R Stat Soc B 1996;58:619-678).
+
+The population parameters held fixed are the ones the observations do not depend on given ``eta``
+(those of the random effects' distribution); they are found from the structure of the gradient at
+the start (exactly zero), not from names.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["AUTO_JOINT_STEPS", "JointResult", "distribution_parameters", "joint_mode", "joint_steps"]
+
+#: ``joint_steps="auto"``: L-BFGS steps of the joint-mode warm start for models with network weights
+#: or more than `AUTO_MANY_PARAMS` free parameters (none otherwise).
+AUTO_JOINT_STEPS = 500
+AUTO_MANY_PARAMS = 32
+
+
+def joint_steps(setting, density, free: np.ndarray) -> int:
+    """The warm start's step budget for a backend's ``joint_steps`` setting (``"auto"`` or an int)."""
+    if setting == "auto":
+        if not density.sites.n_eta:
+            return 0
+        network = any(b.leaf_shapes is not None for b in density.theta_space.blocks)
+        return AUTO_JOINT_STEPS if network or int(np.sum(free)) > AUTO_MANY_PARAMS else 0
+    if not isinstance(setting, (int, np.integer)) or isinstance(setting, bool) or setting < 0:
+        raise ValueError(f"joint_steps must be 'auto' or a non-negative integer, not {setting!r}")
+    return int(setting) if density.sites.n_eta else 0
+
+
+@dataclass
+class JointResult:
+    """The joint mode's free parameters (the fit's free vector), random effects and the run's record."""
+
+    x: np.ndarray
+    eta: jax.Array
+    value: float  # -2 x the joint log density at the end
+    steps: int
+    seconds: float
+    moved: list[str]  # the free parameters it moved (the others are the random effects' distribution)
+
+
+def distribution_parameters(density, pop, theta0: np.ndarray, free: np.ndarray, x: np.ndarray,
+                            eta: jax.Array) -> np.ndarray:
+    """Which free parameters only the random effects' distribution uses (omega, correlations).
+
+    The observations' log-likelihood given ``eta`` has a structurally zero gradient with respect to
+    them (an exact 0.0 from reverse mode; any use, however weak, gives a non-zero float).
+    """
+    theta_all = jnp.asarray(theta0)
+    free_idx = jnp.asarray(np.flatnonzero(free))
+
+    def loglik(x):
+        return jnp.sum(density.subject_terms(theta_all.at[free_idx].set(x), jnp.asarray(eta), pop)[0])
+
+    return np.asarray(jax.grad(loglik)(jnp.asarray(x))) == 0.0
+
+
+def joint_mode(density, pop, theta0: np.ndarray, free: np.ndarray, x0: np.ndarray, eta0: jax.Array,
+               labels: list[str], *, steps: int, use_map: bool, callback=None) -> JointResult:
+    """L-BFGS (SciPy's L-BFGS-B, no bounds) on the joint mode, from ``x0`` and ``eta0``.
+
+    ``density`` is the fit's `Density`; ``theta0`` the full parameter vector (fixed values in place),
+    ``free`` its free mask and ``x0`` the free values. At most ``steps`` iterations. With
+    ``use_map`` the population parameters' log prior is added (the fit's ``map=True``). One jitted
+    value-and-gradient function (one trace of the model's reverse mode) serves every evaluation;
+    a non-finite value is returned to the line search as a very large one (it then shortens the
+    step), and the best point seen is kept.
+    """
+    from scipy.optimize import minimize
+
+    start = time.perf_counter()
+    theta_all = jnp.asarray(theta0)
+    free_idx = jnp.asarray(np.flatnonzero(free))
+    x0 = jnp.asarray(x0)
+    eta0 = jnp.asarray(eta0)
+
+    def theta_of(x):
+        return theta_all.at[free_idx].set(x)
+
+    moving = np.flatnonzero(~distribution_parameters(density, pop, theta0, free, x0, eta0))
+    move_idx = jnp.asarray(moving)
+    k, shape = moving.size, eta0.shape
+
+    @jax.jit
+    def value_and_grad(z):
+        def objective(z):
+            x = x0.at[move_idx].set(z[:k])
+            ll, prior = density.subject_terms(theta_of(x), z[k:].reshape(shape), pop)
+            total = -2.0 * (jnp.sum(ll) + jnp.sum(prior))
+            if use_map:
+                total = total - 2.0 * density.log_prior(theta_of(x), pop, jacobian=False)
+            return total
+
+        return jax.value_and_grad(objective)(z)
+
+    best = {"value": np.inf, "z": None}
+    count = {"n": 0}
+
+    def fun(z):
+        value, grad = value_and_grad(jnp.asarray(z))
+        value, grad = float(value), np.asarray(grad, dtype=float)
+        if not (np.isfinite(value) and np.all(np.isfinite(grad))):
+            return 1e300, np.zeros_like(z)
+        if value < best["value"]:
+            best.update(value=value, z=np.array(z))
+        return value, grad
+
+    def report(z):
+        count["n"] += 1
+        if callback is not None:
+            callback(count["n"], best["value"])
+
+    z0 = np.concatenate([np.asarray(x0)[moving], np.asarray(eta0).ravel()])
+    minimize(fun, z0, jac=True, method="L-BFGS-B", callback=report,
+             options={"maxiter": steps, "maxcor": 20, "ftol": 1e-10, "gtol": 1e-6})
+    if best["z"] is None:  # not finite anywhere: nothing moved
+        return JointResult(np.asarray(x0), eta0, np.inf, count["n"], time.perf_counter() - start,
+                           [labels[i] for i in moving])
+    z = best["z"]
+    x = np.array(x0.at[move_idx].set(z[:k]))
+    return JointResult(x, jnp.asarray(z[k:].reshape(shape)), best["value"], count["n"],
+                       time.perf_counter() - start, [labels[i] for i in moving])
