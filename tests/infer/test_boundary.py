@@ -34,7 +34,7 @@ def test_a_collapsed_omega_is_restarted_where_that_lowers_the_ofv(problem):
     out = problem.boundary_restart(lambda x: problem.evaluate(x)[:2] + (None,), res, start)
     assert out is not None
     x1, first, note = out
-    assert x1[k] == start[k] and np.all(np.delete(x1, k) == np.delete(collapsed, k))
+    assert start[k] - np.log(100.0) <= x1[k] <= start[k] and np.all(np.delete(x1, k) == np.delete(collapsed, k))
     assert first[0] < res.fun and "omega[0]" in note
 
 

@@ -308,8 +308,9 @@ class _Problem:
         small gradient although a positive value may fit better (seen on the 60-subject IDR fit:
         omega_n 1e-4 at OFV -807.28, 0.1 at -814.92). For each positive parameter of the random
         effects' distribution that ended more than 100 times below its start and below 1e-2, the
-        OFV is evaluated with it back at its start value; the best such point that lowers the OFV
-        is returned (with its evaluation and a note) for BFGS to continue from, else None.
+        OFV is evaluated with it at its start value and at 1/3, 1/10, 1/30 and 1/100 of it (the
+        start may be far above the optimum); the best such point that lowers the OFV is returned
+        (with its evaluation and a note) for BFGS to continue from, else None.
         """
         positive = np.zeros(self.theta0.size, bool)  # unconstrained by log: u = log(value)
         for b in self.density.theta_space.blocks:
@@ -319,12 +320,13 @@ class _Problem:
         low = [j for j in candidates if res.x[j] < x_start[j] - np.log(100.0) and res.x[j] < np.log(1e-2)]
         best = None
         for j in low:
-            trial = res.x.copy()
-            trial[j] = x_start[j]
-            value = fun(trial)
-            if np.isfinite(value[0]) and value[0] < res.fun - 1e-3 and (best is None or value[0] < best[1][0]):
-                best = (trial, value, f"{self.free_labels[j]} restarted from {np.exp(res.x[j]):.2g} at "
-                                      f"{np.exp(x_start[j]):.2g}: OFV {res.fun:.4f} -> {value[0]:.4f}")
+            for factor in (1.0, 3.0, 10.0, 30.0, 100.0):
+                trial = res.x.copy()
+                trial[j] = x_start[j] - np.log(factor)
+                value = fun(trial)
+                if np.isfinite(value[0]) and value[0] < res.fun - 1e-3 and (best is None or value[0] < best[1][0]):
+                    best = (trial, value, f"{self.free_labels[j]} restarted from {np.exp(res.x[j]):.2g} at "
+                                          f"{np.exp(trial[j]):.2g}: OFV {res.fun:.4f} -> {value[0]:.4f}")
         return best
 
     def joint_start(self, x0: np.ndarray, bar) -> np.ndarray:
