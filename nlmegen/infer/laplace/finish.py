@@ -61,7 +61,8 @@ def _standard_errors(problem, x_hat: np.ndarray, covariance) -> tuple[dict, np.n
     se_flat = np.sqrt(np.clip(np.diag(delta_method(jac, covariance)), 0.0, None))
     se = _per_site(values, se_flat)
     for name in problem.fixed_names:  # not estimated: no standard error (rather than a false 0)
-        se[name] = np.full(np.shape(se[name]), np.nan)
+        if name in se:  # single fixed elements ("omega[2]") are blanked by FitResult
+            se[name] = np.full(np.shape(se[name]), np.nan)
     return se, np.sqrt(np.clip(np.diag(covariance), 0.0, None))
 
 

@@ -149,7 +149,10 @@ class FitResult:
         Site -> ``biject_to(support)`` (unconstrained -> user scale) for population and
         random-effect sites. Not compared; saved only as the support's name.
     model, pop
-        The model function and the `Population` fitted (not compared, not saved).
+        The model function and the `Population` fitted (not compared; `save` keeps the event table
+        and, for a model importable by name, a reference to it).
+    tables : dict
+        Tables computed once and kept (``"natural"``; restored by `nlmegen.load`). Not compared.
     """
 
     method: str
@@ -191,6 +194,7 @@ class FitResult:
     transforms: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     model: Any = field(default=None, compare=False, repr=False)
     pop: Any = field(default=None, compare=False, repr=False)
+    tables: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -222,6 +226,19 @@ class FitResult:
         self._set("timings", {str(k): float(v) for k, v in self.timings.items()})
         self._set("settings", _json_form(dict(self.settings)))
         self._set("transforms", dict(self.transforms))
+        self._set("tables", dict(self.tables))
+        self._nan_fixed_elements()
+
+    def _nan_fixed_elements(self) -> None:
+        """Elements held fixed one by one (``fixed=("omega[2]",)``) have no standard error."""
+        for label in self.fixed:
+            site = label_site(label)
+            if label != site and site in self.se:
+                se = np.array(self.se[site], dtype=float)
+                index = int(label[len(site) + 1:-1])
+                if 0 <= index < se.size:
+                    se.reshape(-1)[index] = np.nan
+                    self.se[site] = se
 
     def _check(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -275,8 +292,49 @@ class FitResult:
             out.update(zip(element_labels(name, value.shape), np.ravel(value).astype(float).tolist(), strict=True))
         return out
 
+    @property
+    def condition_number(self) -> float:
+        """Largest over smallest eigenvalue of `correlation` (NaN without a covariance)."""
+        from .table import condition_number
+
+        return condition_number(self.correlation)
+
+    def table(self, scale: str = "natural") -> pd.DataFrame:
+        """The parameter table on the ``"natural"`` or the ``"estimation"`` scale.
+
+        ``"natural"``: what a pharmacometrician reads: population sites on their own scale (sites
+        that only parameterise the random effects left out), the model's ``numpyro.deterministic``
+        sites (typical values), OMEGA as variances with CV% and shrinkage per random effect, a
+        full block's correlations, delta-method SEs and intervals mapped from the estimation
+        scale; ``table.attrs`` holds ``condition_number``, the ``omega`` matrix and ``notes``. See
+        :mod:`nlmegen.infer.shared.table` for every formula. Computed once and kept.
+
+        ``"estimation"``: `summary`, one row per element of every population site.
+
+        Examples
+        --------
+        >>> import nlmegen
+        >>> pop = nlmegen.read_nonmem(nlmegen.datasets.load("theo_sd"))
+        >>> fit = nlmegen.fit(nlmegen.examples.theo_model, pop, progress=False)
+        >>> table = fit.table()
+        >>> [label for label in table.index if label.startswith("OMEGA")]
+        ['OMEGA(eta[0])', 'OMEGA(eta[1])', 'OMEGA(eta[2])']
+        """
+        if scale == "estimation":
+            return self.summary()
+        if scale != "natural":
+            raise ValueError(f"scale must be 'natural' or 'estimation', not {scale!r}")
+        if "natural" not in self.tables or self.model is not None:
+            if "natural" in self.tables and self.tables.get("_natural_owner") == id(self.model):
+                return self.tables["natural"].copy()
+            from .table import natural_table
+
+            self.tables["natural"] = natural_table(self)
+            self.tables["_natural_owner"] = id(self.model)
+        return self.tables["natural"].copy()
+
     def summary(self) -> pd.DataFrame:
-        """Parameter table: one row per scalar element of every population site.
+        """Parameter table on the estimation scale: one row per scalar element of every population site.
 
         Columns: ``estimate``, ``SE``, ``RSE%`` (``100 SE / |estimate|``, NaN at an estimate of
         0), ``CI95_lower``, ``CI95_upper`` and ``fixed``. The 95% intervals use the delta method:
@@ -301,11 +359,13 @@ class FitResult:
         rows = []
         for name, value in self.params.items():
             est = np.ravel(np.asarray(value, dtype=float))
-            fixed = name in self.fixed
+            site_fixed = name in self.fixed
             se = np.ravel(self.se[name]).astype(float) if name in self.se else np.full(est.shape, np.nan)
-            se = np.full(est.shape, np.nan) if fixed else se
+            se = np.full(est.shape, np.nan) if site_fixed else se
             positive = _positive_valued(self.transforms.get(name))
             for label, e, s in zip(element_labels(name, value.shape), est, se, strict=True):
+                fixed = site_fixed or label in self.fixed
+                s = math.nan if fixed else s
                 lo, hi = _interval(e, s, positive)
                 rse = 100.0 * s / abs(e) if e != 0 else math.nan
                 rows.append((label, e, s, rse, lo, hi, fixed))
@@ -353,11 +413,25 @@ class FitResult:
         for name, value in self.shrinkage.items():
             lines.append(f"  {name} shrinkage (%): " + ", ".join(f"{v:.1f}" for v in np.ravel(value)))
         if self.params:
-            table = self.summary().to_string(float_format=lambda x: f"{x:.4g}")
-            lines.extend(["", table])
+            lines.extend(["", self._table_text()])
         if self.warnings:
             lines.extend(["", "warnings:"] + [f"  - {w}" for w in self.warnings])
         return "\n".join(lines)
+
+    def _table_text(self) -> str:
+        """The natural-scale table when it can be had, else the estimation-scale one (repr never fails)."""
+        fmt = {"float_format": lambda x: f"{x:.4g}"}
+        try:
+            table = self.table("natural")
+        except Exception as err:  # noqa: BLE001 - a repr must print whatever the model does
+            note = f"(estimation scale; natural-scale table unavailable: {err})"
+            return note + "\n" + self.summary().to_string(**fmt)
+        shown = table.drop(columns=[c for c in ("CV%", "shrinkage%") if table[c].isna().all()])
+        text = shown.to_string(na_rep="", **fmt)
+        cond = table.attrs.get("condition_number", math.nan)
+        if np.isfinite(cond):
+            text += f"\ncondition number of the correlation matrix of the estimates: {cond:.4g}"
+        return text + "".join(f"\nnote: {n}" for n in table.attrs.get("notes", []))
 
     # ------------------------------------------------------------------ I/O (delegated)
     def residuals(self, *, n_sim: int = 1000, key: Any = None) -> pd.DataFrame:
