@@ -187,6 +187,12 @@ def finish(problem, run) -> FitResult:
                                              jnp.asarray(eta_cov), key, b.is_draws, b.is_df)
         timings["is_s"] = time.perf_counter() - start
     ofv = m2ll - n_obs * LOG_2PI
+    if status != "failed" and b.is_draws and not np.isfinite(m2ll):  # never "converged" with a NaN likelihood
+        from ..shared.diagnose import explain_nonfinite
+
+        cause = explain_nonfinite(density, theta, eta_mean, pop)
+        status, message = "failed", ((f"{cause}; " if cause else "") + "the log-likelihood (importance sampling) is "
+                                     f"not finite at the estimate; {message}")
 
     focei = None
     if b.focei and status != "failed":
