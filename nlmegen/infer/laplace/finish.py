@@ -117,7 +117,8 @@ def build_result(problem, x_hat, ofv, ebe, status, message, cov, timings) -> Fit
         outputs=tuple(pop.outputs), pred=pred, ipred=ipred, theta=np.asarray(theta),
         theta_names=tuple(theta_labels(density.theta_space)), free=problem.free.copy(),
         covariance=cov.covariance, covariance_kind=cov.kind, se_unconstrained=se_u,
-        shrinkage=_shrinkage(pop, eta, precision, ipred, var) if status != "failed" else {}, history=pd.DataFrame(problem.history),
+        shrinkage=_shrinkage(pop, eta, precision, ipred, var) if status != "failed" else {},
+        history=pd.DataFrame(problem.history),
         timings=timings, settings=_settings(problem.backend), warnings=tuple(problem.warnings), draws=None,
         fixed=tuple(problem.fixed_names), transforms=_transforms(density), model=problem.model, pop=pop,
     )

@@ -324,14 +324,16 @@ class FitResult:
             return self.summary()
         if scale != "natural":
             raise ValueError(f"scale must be 'natural' or 'estimation', not {scale!r}")
-        if "natural" not in self.tables or self.model is not None:
-            if "natural" in self.tables and self.tables.get("_natural_owner") == id(self.model):
-                return self.tables["natural"].copy()
+        computed = "natural" in self.tables and self.tables.get("_natural_for") == id(self.model)
+        if not computed and (self.model is not None or "natural" not in self.tables):
             from .table import natural_table
 
             self.tables["natural"] = natural_table(self)
-            self.tables["_natural_owner"] = id(self.model)
-        return self.tables["natural"].copy()
+            self.tables["_natural_for"] = id(self.model)
+        table = self.tables["natural"]
+        out = table.copy()
+        out.attrs = dict(table.attrs)
+        return out
 
     def summary(self) -> pd.DataFrame:
         """Parameter table on the estimation scale: one row per scalar element of every population site.
@@ -471,16 +473,38 @@ class FitResult:
         overwrite
             Replace an existing file; otherwise an existing ``path`` raises `FileExistsError`.
         """
-        from ...io._arviz import save
+        from ...io._file import save
 
         save(self, path, overwrite=overwrite)
 
     @staticmethod
-    def load(path: Any) -> FitResult:
+    def load(path: Any, *, model: Any = None, pop: Any = None) -> FitResult:
         """Read a result written by `FitResult.save` (same as :func:`nlmegen.load`)."""
-        from ...io._arviz import load
+        from ...io._file import load
 
-        return load(path)
+        return load(path, model=model, pop=pop)
+
+    def loo(self, by: str = "subject", **kwargs: Any) -> Any:
+        """PSIS leave-one-out cross-validation with ArviZ (``arviz.loo``) on `to_arviz`'s groups.
+
+        Parameters
+        ----------
+        by
+            ``"subject"`` (default): leave one *subject* out, on the marginal log-likelihood of
+            each subject (random effects integrated out; log-likelihood variable
+            ``subject_marginal``): the predictive accuracy for new subjects, comparable between
+            maximum-likelihood and Bayesian fits (``arviz.compare(..., var_name="subject_marginal")``).
+            ``"observation"``: leave one observation out, conditional on the random effects
+            (variable ``DV``); with subject-level random effects this often gives high Pareto k.
+        **kwargs
+            Passed to ``arviz.loo``.
+        """
+        import arviz as az
+
+        names = {"subject": "subject_marginal", "observation": "DV"}
+        if by not in names:
+            raise ValueError(f"by must be one of {list(names)}, not {by!r}")
+        return az.loo(self.to_arviz(), var_name=names[by], **kwargs)
 
 
 def _interval(est: float, se: float, positive: bool) -> tuple[float, float]:

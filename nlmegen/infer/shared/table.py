@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .marginal import unconstrained_ebes
 from .result import Z95, element_labels
 
 __all__ = ["COLUMNS", "condition_number", "natural_table", "omega_frame"]
@@ -204,26 +205,11 @@ def natural_table(fit: Any) -> pd.DataFrame:
         _, values = flat(x_hat)
         values = {k: np.asarray(v, dtype=float) for k, v in values.items()}
         jac = np.asarray(jax.jit(jax.jacfwd(lambda x: flat(x)[0]))(x_hat)) if free_idx.size else None
-        eta_hat = jnp.asarray(_unconstrained_ebes(fit, q))
+        eta_hat = jnp.asarray(unconstrained_ebes(fit, q.sites))
         dep = np.asarray(jax.jit(jax.jacfwd(lambda x: q.observation_dependence(full(x), eta_hat)))(x_hat)) \
             if free_idx.size else np.zeros((fit.n_subjects, 0))
         draws = _draw_values(fit, q) if fit.draws is not None else None
     return _assemble(fit, q, values, jac, dep, draws)
-
-
-def _unconstrained_ebes(fit: Any, q: _Quantities) -> np.ndarray:
-    from ...model import ParameterSpace
-
-    if fit.ebes.shape[1] == 0:
-        return np.zeros((fit.n_subjects, 0))
-    space = ParameterSpace(q.sites.random_effects, batch=True)
-    cols, start = {}, 0
-    ebe = fit.ebes.to_numpy(dtype=float)
-    for block in space.blocks:
-        n = int(np.prod(block.site.shape)) if block.site.shape else 1
-        cols[block.site.name] = ebe[:, start:start + n].reshape((fit.n_subjects, *block.site.shape))
-        start += n
-    return np.asarray(space.unconstrain(cols))
 
 
 def _draw_values(fit: Any, q: _Quantities) -> dict[str, np.ndarray]:
