@@ -159,10 +159,7 @@ def vpc(
 
     if x not in ("time", "tad"):
         raise ValueError(f"x must be 'time' or 'tad', not {x!r}")
-    model = model if model is not None else fit.model
-    pop = pop if pop is not None else fit.pop
-    if model is None or pop is None:
-        raise ValueError("vpc needs a model and a population (a loaded fit holds neither: pass model= and pop=)")
+    model, pop = fit.require_model("vpc", model=model, pop=pop)
     key = jax.random.key(0) if key is None else key
     if params is None:
         params = model_values(fit)

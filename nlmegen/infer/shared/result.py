@@ -435,6 +435,24 @@ class FitResult:
             text += f"\ncondition number of the correlation matrix of the estimates: {cond:.4g}"
         return text + "".join(f"\nnote: {n}" for n in table.attrs.get("notes", []))
 
+    def require_model(self, what: str, *, model: Any = None, pop: Any = None) -> tuple[Any, Any]:
+        """``(model, pop)`` for ``what`` (``model``/``pop`` given win over the fit's), or one clear
+        `ValueError` saying what is missing and how to give it."""
+        model = self.model if model is None else model
+        pop = self.pop if pop is None else pop
+        if model is not None and pop is not None:
+            return model, pop
+        missing = " and ".join(n for n, v in (("model", model), ("data (pop)", pop)) if v is None)
+        ref = self.tables.get("model_ref")
+        if "arviz" in self.tables:  # read from a file
+            why = (f"its model {ref!r} could not be imported" if ref and model is None else
+                   "the file names no importable model (one defined in __main__ or inside a function)"
+                   if model is None else "its event table could not be read back")
+            how = "pass them when loading: nlmegen.load(path, model=..., pop=...)"
+        else:
+            why, how = "this result was built without them", "pass model= and pop="
+        raise ValueError(f"{what} needs the fit's {missing}: {why}; {how}")
+
     # ------------------------------------------------------------------ I/O (delegated)
     def residuals(self, *, n_sim: int = 1000, key: Any = None) -> pd.DataFrame:
         """PRED, IPRED, RES, IWRES, CWRES and NPDE per observation (see `nlmegen.diagnostics.residuals`)."""
