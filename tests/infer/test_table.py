@@ -6,7 +6,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
 import numpyro.distributions as dist
 import pytest
 from numpyro.distributions.transforms import biject_to
@@ -17,23 +16,6 @@ from nlmegen.examples import theo_model_full
 Z = 1.959963984540054
 
 
-def theo_named(pop):
-    """theo_model with its individual parameters named (numpyro.deterministic) and a derived
-    population quantity (the typical half-life)."""
-    tka = numpyro.sample("tka", dist.Normal(0.5, 1.0))
-    tcl = numpyro.sample("tcl", dist.Normal(1.0, 1.0))
-    tv = numpyro.sample("tv", dist.Normal(3.5, 1.0))
-    omega = numpyro.sample("omega", dist.HalfNormal(jnp.ones(3)).to_event(1))
-    add_sd = numpyro.sample("add_sd", dist.HalfNormal(2.0))
-    numpyro.deterministic("thalf", jnp.log(2.0) * jnp.exp(tv - tcl))
-    with nlmegen.subjects(pop):
-        eta = numpyro.sample("eta", dist.Normal(0.0, omega).to_event(1))
-        ka = numpyro.deterministic("ka", jnp.exp(tka + eta[..., 0]))
-        cl = numpyro.deterministic("cl", jnp.exp(tcl + eta[..., 1]))
-        v = numpyro.deterministic("v", jnp.exp(tv + eta[..., 2]))
-        nlmegen.observe("conc", nlmegen.additive(nlmegen.pk.one_cmt(pop, cl=cl, v=v, ka=ka), add_sd), pop)
-
-
 @pytest.fixture(scope="module")
 def pop():
     return nlmegen.read_nonmem(nlmegen.datasets.load("theo_sd"))
@@ -41,7 +23,7 @@ def pop():
 
 @pytest.fixture(scope="module")
 def named(pop):
-    return nlmegen.fit(theo_named, pop, progress=False)
+    return nlmegen.fit(nlmegen.examples.theo_model_named, pop, progress=False)
 
 
 @pytest.fixture(scope="module")

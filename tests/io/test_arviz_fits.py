@@ -23,10 +23,10 @@ def fits(pop):
     model, key = nlmegen.examples.theo_model, jax.random.key(0)
     return {
         "focei": nlmegen.fit(model, pop, progress=False),
-        "saem": nlmegen.fit(model, pop, "saem", key=key, n_explore=60, n_smooth=60, progress=False),
-        "nuts": nlmegen.fit(model, pop, "nuts", key=key, num_warmup=200, num_samples=150, num_chains=2,
+        "saem": nlmegen.fit(model, pop, "saem", key=key, n_explore=30, n_smooth=30, progress=False),
+        "nuts": nlmegen.fit(model, pop, "nuts", key=key, num_warmup=150, num_samples=100, num_chains=2,
                             progress=False),
-        "svi": nlmegen.fit(model, pop, "svi", key=key, num_steps=1500, num_draws=N_DRAWS, progress=False),
+        "svi": nlmegen.fit(model, pop, "svi", key=key, num_steps=600, num_draws=N_DRAWS, progress=False),
     }
 
 
