@@ -218,10 +218,14 @@ def _log_likelihood(fit: FitResult, posterior: dict) -> np.ndarray:
     """``[chain, draw, obs]`` pointwise log-likelihood of the real observations at every draw,
     conditional on each draw's random effects."""
     from ..infer.shared.pointwise import pointwise_log_likelihood
+    from ..simulate import model_values
 
     lead = next(iter(posterior.values())).shape[:2]
-    fixed = {k: v for k, v in fit.params.items() if k not in posterior}
-    ll = pointwise_log_likelihood(fit.model, fit.pop, posterior, fixed, lead)
+    held = model_values(fit)  # network weights as the pytree the model takes (constant over ML draws)
+    network = {k for k, v in held.items() if isinstance(v, dict)}
+    draws = {k: v for k, v in posterior.items() if k not in network}
+    fixed = {k: v for k, v in held.items() if k not in draws}
+    ll = pointwise_log_likelihood(fit.model, fit.pop, draws, fixed, lead)
     return ll[..., fit.mask]
 
 
@@ -285,8 +289,7 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
     Root attributes hold method, status, OFV, log-likelihood, AIC, BIC and ``posterior_kind``
     (``"asymptotic_normal"``, ``"point_estimate"`` or ``"draws"``).
 
-    A fit read by `nlmegen.load` returns the tree stored in its file (with the same groups) when
-    called with the default ``n_draws`` and ``seed``.
+    A fit read by `nlmegen.load` returns the tree stored in its file (whatever the arguments).
 
     Parameters
     ----------
@@ -308,7 +311,7 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
     from arviz_base import from_dict
 
     stored = fit.tables.get("arviz")
-    if stored is not None and n_draws == 1000 and seed == 0:
+    if stored is not None:
         return stored.copy()
     posterior, stats, dims, kind = _bayes_groups(fit) if fit.draws is not None else _ml_groups(fit, n_draws, seed)
     theta = posterior.pop("__theta__", None)
@@ -340,7 +343,9 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
 
         from ..simulate import posterior_predictive as _simulate_predictive
 
-        dt["posterior_predictive"] = _simulate_predictive(fit, key=jax.random.key(seed), draws=posterior)
+        network = [s for s in fit.params if s not in fit.transforms and s not in fit.fixed]  # flat weights
+        drawn = {k: v for k, v in posterior.items() if k not in network or fit.draws is not None}
+        dt["posterior_predictive"] = _simulate_predictive(fit, key=jax.random.key(seed), draws=drawn)
     return dt
 
 

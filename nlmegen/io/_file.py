@@ -40,6 +40,7 @@ __all__ = ["FileFormatError", "load", "save"]
 
 FORMAT, FORMAT_VERSION, READABLE_VERSIONS = "FitResult", 2, (1, 2)
 GROUP = "nlmegen"  # the group that holds nlmegen's own fields (version 2)
+SAVE_DRAWS = 400  # asymptotic-normal draws stored for a maximum-likelihood fit
 _ARRAYS = ("times", "dv", "mask", "dvid", "pred", "ipred", "theta", "free", "ebe_cov", "ebe_converged",
            "covariance", "se_unconstrained")
 _SCALARS = ("method", "ofv", "loglik", "aic", "bic", "n_obs", "n_params", "n_subjects", "status", "message",
@@ -174,7 +175,7 @@ def _tables(fit: FitResult) -> tuple[dict[str, pd.DataFrame], dict | None]:
     return frames, natural_attrs
 
 
-def save(fit: FitResult, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+def save(fit: FitResult, path: str | os.PathLike, *, overwrite: bool = False, n_draws: int = SAVE_DRAWS) -> None:
     """Write ``fit`` to a netCDF file that ArviZ reads; read it back with `load`.
 
     Stored: the ArviZ groups of `FitResult.to_arviz` (with ``log_likelihood`` and
@@ -192,6 +193,10 @@ def save(fit: FitResult, path: str | os.PathLike, *, overwrite: bool = False) ->
         into place atomically.
     overwrite
         Replace an existing file. Without it an existing ``path`` raises `FileExistsError`.
+    n_draws
+        Draws of the ArviZ groups of a maximum-likelihood fit (`FitResult.to_arviz`; each costs
+        one EBE search per subject for the ``subject_marginal`` log-likelihood). The loaded fit's
+        `FitResult.to_arviz` returns these groups.
     """
     import xarray as xr
 
@@ -207,7 +212,7 @@ def save(fit: FitResult, path: str | os.PathLike, *, overwrite: bool = False) ->
     for name in ("params", "se", "shrinkage", "draws"):
         if getattr(fit, name) is not None:
             nodes[f"{GROUP}/{name}"] = _dict_dataset(getattr(fit, name))
-    arviz_tree = fit.to_arviz()
+    arviz_tree = fit.tables["arviz"] if "arviz" in fit.tables else fit.to_arviz(n_draws=n_draws)
     for node in arviz_tree.subtree:
         if node.path != "/" and node.has_data:
             nodes[node.path.lstrip("/")] = node.to_dataset(inherit=False)

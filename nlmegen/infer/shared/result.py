@@ -481,19 +481,21 @@ class FitResult:
         return to_arviz(self, n_draws=n_draws, seed=seed, log_likelihood=log_likelihood,
                         posterior_predictive=posterior_predictive)
 
-    def save(self, path: Any, *, overwrite: bool = False) -> None:
-        """Write this result to a netCDF file (``model``, ``pop`` and ``transforms`` excepted).
+    def save(self, path: Any, *, overwrite: bool = False, n_draws: int = 400) -> None:
+        """Write this result to a netCDF file that ArviZ reads (see :func:`nlmegen.io.save`).
 
         Parameters
         ----------
         path
-            File to write; read it back with :func:`nlmegen.load`.
+            File to write; read it back with :func:`nlmegen.load` (or ``arviz.from_netcdf``).
         overwrite
             Replace an existing file; otherwise an existing ``path`` raises `FileExistsError`.
+        n_draws
+            Draws stored in the ArviZ groups of a maximum-likelihood fit.
         """
         from ...io._file import save
 
-        save(self, path, overwrite=overwrite)
+        save(self, path, overwrite=overwrite, n_draws=n_draws)
 
     @staticmethod
     def load(path: Any, *, model: Any = None, pop: Any = None) -> FitResult:

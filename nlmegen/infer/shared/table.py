@@ -283,7 +283,7 @@ def _assemble(fit, q, values, jac, dep, draws) -> pd.DataFrame:
         for lab, om, ob in zip(free_labels, omega_cols, obs_cols, strict=True):
             by_site.setdefault(lab.split("[", 1)[0], []).append(om and not ob)
         omega_only = {site for site, flags in by_site.items() if all(flags)}
-    _population_rows(fit, rows, omega_only, draws, summarise)
+    _population_rows(fit, q, rows, notes, omega_only, draws, summarise)
     _derived_rows(fit, q, values, rows, notes, delta, draws, summarise)
     omega = _omega_rows(fit, q, values, rows, notes, delta, draws, summarise)
     table = pd.DataFrame.from_dict(rows, orient="index", columns=COLUMNS)
@@ -294,10 +294,14 @@ def _assemble(fit, q, values, jac, dep, draws) -> pd.DataFrame:
     return table
 
 
-def _population_rows(fit, rows, omega_only, draws, summarise) -> None:
+def _population_rows(fit, q, rows, notes, omega_only, draws, summarise) -> None:
     names = list(fit.theta_names)
     free_pos = {lab: k for k, lab in enumerate(lab for lab, f in zip(names, fit.free, strict=True) if f)}
+    network = {s.name for s in q.sites.population if s.leaf_shapes is not None}
     for name, value in fit.params.items():
+        if name in network:
+            notes.append(f"network weights {name!r} ({np.size(value)} values) are not in the table (fit.params)")
+            continue
         if name in omega_only:
             continue
         t = fit.transforms.get(name)
