@@ -159,7 +159,10 @@ def vpc(
 
     if x not in ("time", "tad"):
         raise ValueError(f"x must be 'time' or 'tad', not {x!r}")
-    model, pop = fit.require_model("vpc", model=model, pop=pop)
+    if fit is not None:
+        model, pop = fit.require_model("vpc", model=model, pop=pop)
+    elif model is None or pop is None:
+        raise ValueError("vpc without a fit needs model= and pop= (and params=)")
     key = jax.random.key(0) if key is None else key
     if params is None:
         params = model_values(fit)

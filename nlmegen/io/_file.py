@@ -40,6 +40,7 @@ __all__ = ["FileFormatError", "load", "save"]
 
 FORMAT, FORMAT_VERSION, READABLE_VERSIONS = "FitResult", 2, (1, 2)
 GROUP = "nlmegen"  # the group that holds nlmegen's own fields (version 2)
+USER_MODEL_PREFIX = "nlmegen_user_model_"  # module names of model files loaded by `nlmegen fit`
 SAVE_DRAWS = 400  # asymptotic-normal draws stored for a maximum-likelihood fit
 _ARRAYS = ("times", "dv", "mask", "dvid", "pred", "ipred", "theta", "free", "ebe_cov", "ebe_converged",
            "covariance", "se_unconstrained")
@@ -129,10 +130,16 @@ def checksum(tree: Any, meta: str) -> str:
 
 # ---------------------------------------------------------------------- save
 def _model_ref(model: Any) -> str | None:
-    """``"module:qualname"`` of a model importable by name (not one defined in ``__main__`` or a function)."""
+    """``"module:qualname"`` of a model importable by name, ``"/path/file.py:qualname"`` of one loaded
+    from a file (``nlmegen fit``); None for one defined in ``__main__`` or inside a function."""
+    import sys
+
     module, qualname = getattr(model, "__module__", None), getattr(model, "__qualname__", "")
     if not module or module == "__main__" or "<" in qualname:
         return None
+    if module.startswith(USER_MODEL_PREFIX):  # loaded from a file by nlmegen fit: name the file
+        path = getattr(sys.modules.get(module), "__file__", None)
+        return f"{Path(path).resolve()}:{qualname}" if path else None
     return f"{module}:{qualname}"
 
 
@@ -293,8 +300,16 @@ def _import_model(ref: str | None) -> Any:
     if not ref:
         return None
     import importlib
+    import sys
 
-    module, _, qualname = ref.partition(":")
+    module, _, qualname = ref.rpartition(":")
+    if module.endswith(".py"):  # a model file (nlmegen fit): never executed by load, only found if loaded
+        loaded = [m for m in list(sys.modules.values())
+                  if getattr(m, "__file__", None) and str(Path(m.__file__).resolve()) == module]
+        obj = loaded[0] if loaded else None
+        for part in qualname.split(".") if obj is not None else ():
+            obj = getattr(obj, part, None)
+        return obj
     try:
         obj = importlib.import_module(module)
         for part in qualname.split("."):

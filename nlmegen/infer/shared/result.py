@@ -445,7 +445,9 @@ class FitResult:
         missing = " and ".join(n for n, v in (("model", model), ("data (pop)", pop)) if v is None)
         ref = self.tables.get("model_ref")
         if "arviz" in self.tables:  # read from a file
-            why = (f"its model {ref!r} could not be imported" if ref and model is None else
+            why = (f"its model {ref!r} is not loaded (a model file is never executed by load; "
+                   "nlmegen.__main__.load_model(ref) loads it)" if ref and ".py:" in ref and model is None else
+                   f"its model {ref!r} could not be imported" if ref and model is None else
                    "the file names no importable model (one defined in __main__ or inside a function)"
                    if model is None else "its event table could not be read back")
             how = "pass them when loading: nlmegen.load(path, model=..., pop=...)"
