@@ -474,9 +474,13 @@ class FitResult:
         seed
             Seed of those draws.
         log_likelihood
-            Add the pointwise ``log_likelihood`` group (Bayesian fits holding their model and data).
+            Add the ``log_likelihood`` group (every fit holding its model and data): variables
+            ``subject_marginal`` (per subject, random effects integrated out: leave-one-subject-out)
+            and ``DV`` (per observation, given each draw's random effects).
         posterior_predictive
-            Add the ``posterior_predictive`` group (default: Bayesian fits holding their model and data).
+            Add the ``posterior_predictive`` group (default: every fit holding its model and data).
+
+        A fit read by `nlmegen.load` returns the groups stored in its file.
         """
         from ...io._arviz import to_arviz
 
