@@ -152,5 +152,7 @@ def test_element_fix_errors(pop):
         nlmegen.fit(nlmegen.examples.theo_model, pop, fixed={"omega[5]": 0.1}, progress=False)
     with pytest.raises(nlmegen.ModelError, match="not separate parameters"):
         nlmegen.fit(theo_model_full, pop, fixed={"omega_corr[3]": 0.1}, progress=False)
+    with pytest.raises(nlmegen.ModelError, match="give the whole site 'omega'"):
+        nlmegen.fit(nlmegen.examples.theo_model, pop, init={"omega[2]": 0.1}, progress=False)
     with pytest.raises(nlmegen.ModelError, match="maximum-likelihood"):
         nlmegen.fit(nlmegen.examples.theo_model, pop, "nuts", fixed={"omega[2]": 0.1}, key=jax.random.key(0))

@@ -59,7 +59,10 @@ def _check_names(kind: str, given: Mapping, population: list[str], random: list[
     for name in given:
         parsed = _element(name)
         if parsed is not None and name not in population and parsed[0] in population:
-            continue
+            if kind == "fixed":
+                continue
+            raise ModelError(f"{kind}: {name!r}: give the whole site {parsed[0]!r} (single elements can be held "
+                             "with fixed=)")
         if name in random:
             raise ModelError(f"{kind}: {name!r} is a random-effect site; {kind} takes population parameters "
                              f"{population}")
