@@ -104,6 +104,7 @@ class _Quantities:
         self.density = Density(fit.model, self.sites)
         self.eta0 = jnp.zeros((fit.pop.n_subjects, self.sites.n_eta))
         self.eta_labels = list(fit.ebes.columns)
+        self._plates: dict[str, bool] | None = None
 
     def trace(self, theta: Any, eta: Any) -> dict:
         return self.density.trace(theta, eta, self.pop)
@@ -128,10 +129,24 @@ class _Quantities:
         return loglik
 
     def in_plate(self, name: str) -> bool:
-        from ...model import SUBJECT_PLATE
+        """Whether deterministic site ``name`` is inside the subject plate (one abstract trace, kept)."""
+        if self._plates is None:
+            import jax
+            import jax.numpy as jnp
 
-        tr = self.trace(self.fit.theta, self.eta0)
-        return SUBJECT_PLATE in [f.name for f in tr[name].get("cond_indep_stack", [])]
+            from ...model import SUBJECT_PLATE
+
+            plates: dict[str, bool] = {}
+
+            def run(theta):
+                tr = self.trace(theta, self.eta0)
+                plates.update({n: SUBJECT_PLATE in [f.name for f in tr[n].get("cond_indep_stack", [])]
+                               for n in self.sites.deterministic})
+                return jnp.zeros(())
+
+            jax.eval_shape(run, jnp.asarray(self.fit.theta))
+            self._plates = plates
+        return self._plates[name]
 
 
 # ---------------------------------------------------------------------- rows
