@@ -203,11 +203,26 @@ def _check_raw_observation(name: str, site: dict, pop) -> None:
         f"nlmegen.observe({name!r}, distribution, pop) instead")
 
 
+#: a 1-D real latent site outside the plate with one value per subject is flagged from this many
+#: subjects on (below it, e.g. 3 subjects and 3 typical values, the coincidence is too likely)
+MIN_SUBJECTS_1D = 8
+
+
+def _real(support: Any) -> bool:
+    """Real-valued support (random effects are; SDs and variances, positive, are not)."""
+    while isinstance(support, constraints._IndependentConstraint):
+        support = support.base_constraint
+    return isinstance(support, (constraints._Real, constraints._RealVector))
+
+
 def _check_per_subject_outside_plate(name: str, site: dict, n_subj: int) -> None:
-    """A latent site outside the subject plate with one value per subject on its leading axis is
-    almost always a random effect written without the plate: it would become ``n_subj`` fixed effects."""
+    """A real-valued latent site outside the subject plate with one value per subject on its leading
+    axis (2-D, or 1-D with at least `MIN_SUBJECTS_1D` subjects) is almost always a random effect
+    written without the plate: it would become ``n_subj`` fixed effects."""
     shape = site["shape"]
-    if site["population_tag"] or n_subj < 2 or not shape or shape[0] != n_subj:
+    if site["population_tag"] or n_subj < 2 or not shape or shape[0] != n_subj or not _real(site["support"]):
+        return
+    if len(shape) == 1 and n_subj < MIN_SUBJECTS_1D:  # a short real vector may be a population vector
         return
     raise ModelError(
         f"latent site {name!r} has shape {shape} (one value per subject on its leading axis) but is sampled "

@@ -63,8 +63,19 @@ def test_masked_raw_observation_is_accepted(pop):
 
 
 def test_per_subject_eta_outside_plate_raises(pop):
+    """A 1-D real eta of the subject count (12) and a 2-D [subj, k] one both raise."""
     with pytest.raises(ModelError, match=r"'eta' has shape \(12,\).*outside the subject plate.*12 population"):
         discover(eta_outside_plate_model, pop)
+
+    def two_d(pop):
+        tcl, omega, sd = _population()
+        eta = numpyro.sample("eta", dist.Normal(0.0, omega).expand([pop.n_subjects, 2]).to_event(2))
+        with nlmegen.subjects(pop):
+            conc = nlmegen.pk.one_cmt(pop, cl=jnp.exp(tcl + eta[:, 0]), v=30.0, ka=jnp.exp(eta[:, 1]))
+            nlmegen.observe("conc", nlmegen.additive(conc, sd), pop)
+
+    with pytest.raises(ModelError, match=r"'eta' has shape \(12, 2\)"):
+        discover(two_d, pop)
 
 
 def test_population_vector_of_subject_length_can_be_declared(pop):
@@ -80,3 +91,21 @@ def test_population_vector_of_subject_length_can_be_declared(pop):
     sites = discover(tagged, pop)
     assert [s.name for s in sites.population] == ["tcl", "omega", "sd", "w"]
     assert [s.name for s in sites.random_effects] == ["eta"]
+
+
+def test_positive_vectors_and_short_populations_are_not_flagged(pop):
+    """omega of length 3 with 3 subjects (positive: not a random effect) and a real 1-D vector whose
+    length equals a small subject count are population parameters."""
+    few = pop.subset(list(pop.ids[:3]))
+
+    def model(pop):
+        tcl = numpyro.sample("tcl", dist.Normal(1.0, 1.0))
+        omega = numpyro.sample("omega", dist.HalfNormal(jnp.ones(3)).to_event(1))
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        sd = numpyro.sample("sd", dist.HalfNormal(1.0))
+        with nlmegen.subjects(pop):
+            eta = numpyro.sample("eta", dist.Normal(0.0, omega).to_event(1))
+            conc = nlmegen.pk.one_cmt(pop, cl=jnp.exp(tcl + eta[..., 1] + theta[0]), v=30.0, ka=1.5)
+            nlmegen.observe("conc", nlmegen.additive(conc, sd), pop)
+
+    assert [s.name for s in discover(model, few).population] == ["tcl", "omega", "theta", "sd"]

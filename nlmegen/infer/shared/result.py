@@ -452,7 +452,8 @@ class FitResult:
                    if model is None else "its event table could not be read back")
             how = "pass them when loading: nlmegen.load(path, model=..., pop=...)"
         else:
-            why, how = "this result was built without them", "pass model= and pop="
+            why = "this result does not hold " + ("them" if " and " in missing else "it")
+            how = "attach them with dataclasses.replace(fit, model=..., pop=...)"
         raise ValueError(f"{what} needs the fit's {missing}: {why}; {how}")
 
     # ------------------------------------------------------------------ I/O (delegated)
