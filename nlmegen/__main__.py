@@ -1,4 +1,4 @@
-"""Command line: ``nlmegen demo`` (also ``python -m nlmegen demo``)."""
+"""Command line: ``nlmegen demo`` and ``nlmegen fit DATA MODEL`` (also ``python -m nlmegen ...``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,20 @@ DATASETS = ("theo_sd", "warfarin")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="nlmegen", description="nonlinear mixed-effects models in NumPyro")
+    parser.add_argument("--version", action="version", version=f"nlmegen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="fit a model from a Python file to a NONMEM-style CSV file; write the "
+                                     "parameter tables, the result file and the standard figures")
+    fit.add_argument("data", help="event table (CSV: ID, TIME, DV, AMT, EVID, ... as read by nlmegen.read_nonmem)")
+    fit.add_argument("model", help="the model: path/to/model.py:function or package.module:function")
+    fit.add_argument("--method", default="focei", help="focei (default), foce, laplace, fo, saem, nuts, svi")
+    fit.add_argument("--out", default="nlmegen-fit", help="output folder (default ./nlmegen-fit/)")
+    fit.add_argument("--force", action="store_true", help="overwrite files of an existing output folder")
+    fit.add_argument("--n-sim", type=int, default=500, help="simulated replicates for the VPC (default 500)")
+    fit.add_argument("--seed", type=int, default=0, help="PRNG seed (stochastic methods, VPC)")
     demo = sub.add_parser("demo", help="fit a bundled data set with FOCEI, print the estimates, write VPC/GOF/"
                                        "individual plots")
     demo.add_argument("--dataset", choices=DATASETS, default="theo_sd",
@@ -33,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "fit":
+        return _fit(args)
     return 2  # pragma: no cover (argparse rejects other commands)
 
 
@@ -72,6 +86,71 @@ def _demo(args) -> int:
         print(f"wrote {path}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+FIT_FILES = ("parameters.csv", "parameters_estimation.csv", "fit.nc", "vpc.png", "gof.png", "individuals.png")
+
+
+def load_model(spec: str):
+    """The model function named by ``path/to/model.py:function`` or ``package.module:function``."""
+    import importlib
+    import importlib.util
+
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise SystemExit(f"nlmegen fit: give the model as path/to/model.py:function (got {spec!r})")
+    if source.endswith(".py"):
+        path = Path(source).resolve()
+        if not path.is_file():
+            raise SystemExit(f"nlmegen fit: model file {source} not found")
+        from .io._file import USER_MODEL_PREFIX
+
+        module_name = f"{USER_MODEL_PREFIX}{abs(hash(str(path)))}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(source)
+    model = module
+    for part in name.split("."):
+        model = getattr(model, part, None)
+        if model is None:
+            raise SystemExit(f"nlmegen fit: {source} defines no {name!r}")
+    if not callable(model):
+        raise SystemExit(f"nlmegen fit: {spec} is not a function")
+    return model
+
+
+def _fit(args) -> int:
+    import jax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import nlmegen
+
+    out = Path(args.out)
+    _prepare_out(out, args.force, FIT_FILES)
+    start = time.perf_counter()
+    pop = nlmegen.read_nonmem(args.data)
+    model = load_model(args.model)
+    print(f"{args.data}: {pop.n_subjects} subjects, {pop.n_observations} observations; model {args.model}, "
+          f"method {args.method}")
+    key = jax.random.key(args.seed)
+    stochastic = args.method.strip().lower() in ("saem", "nuts", "svi")
+    fit = nlmegen.fit(model, pop, args.method, key=key if stochastic else None, progress=False)
+    print(fit)
+    paths = [out / n for n in FIT_FILES]
+    fit.table("natural").to_csv(paths[0])
+    fit.table("estimation").to_csv(paths[1])
+    fit.save(paths[2], overwrite=True)
+    nlmegen.vpc(fit, n_sim=args.n_sim, key=key).plot().savefig(paths[3], dpi=130)
+    nlmegen.gof(fit, key=key).savefig(paths[4], dpi=130)
+    nlmegen.plot_individuals(fit).savefig(paths[5], dpi=130)
+    for path in paths:
+        print(f"wrote {path}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0 if fit.status != "failed" else 1
 
 
 def _theo(nlmegen, key, n_sim: int, paths) -> None:

@@ -1,7 +1,8 @@
 """Example models written as plain NumPyro programs, and a simulated study of the IDR model.
 
 - :func:`theo_model`: theophylline, one-compartment oral, log-normal ka, CL, V, additive error
-  (the classic nlmixr2/NONMEM theo_sd model).
+  (the classic nlmixr2/NONMEM theo_sd model); :func:`theo_model_named` the same with ka, CL, V
+  and the half-life named (``numpyro.deterministic``) for the natural-scale table.
 - :func:`idr_model`: the seeds' indirect-response PK/PD model (Depot, Central, R; Hill drug effect
   on the production rate; oral doses), solved as an ODE. :func:`idr_population` builds a study
   design and :func:`simulate_idr` fills it with data simulated from known parameters.
@@ -28,7 +29,8 @@ from .dynamics import ode, pk
 from .model import additive, combined, nn, observe, proportional, subjects
 
 __all__ = ["IDR_TRUTH", "MLP", "WARFARIN_ETAS", "idr_model", "idr_nn_model", "idr_population", "idr_rhs",
-           "simulate_idr", "theo_model", "theo_model_full", "theo_model_kacl", "warfarin_model", "warfarin_rhs"]
+           "simulate_idr", "theo_model", "theo_model_full", "theo_model_kacl", "theo_model_named", "warfarin_model",
+           "warfarin_rhs"]
 
 
 def theo_model(pop: Population) -> None:
@@ -55,6 +57,29 @@ def theo_model(pop: Population) -> None:
         v = jnp.exp(tv + eta[..., 2])
         conc = pk.one_cmt(pop, cl=cl, v=v, ka=ka)
         observe("conc", additive(conc, add_sd), pop)
+
+
+def theo_model_named(pop: Population) -> None:
+    """:func:`theo_model` with its parameters named for the natural-scale table (`FitResult.table`).
+
+    ``ka``, ``cl`` and ``v`` are ``numpyro.deterministic`` sites inside the subject plate: the table
+    reports their typical values (random effects 0) with delta-method SEs and names each random
+    effect by the parameter it drives (``OMEGA(eta[1]:cl)``); ``thalf``, the typical elimination
+    half-life ``log 2 V / CL`` (h), is a derived population quantity. Same likelihood as
+    :func:`theo_model`.
+    """
+    tka = numpyro.sample("tka", dist.Normal(0.5, 1.0))
+    tcl = numpyro.sample("tcl", dist.Normal(1.0, 1.0))
+    tv = numpyro.sample("tv", dist.Normal(3.5, 1.0))
+    omega = numpyro.sample("omega", dist.HalfNormal(jnp.ones(3)).to_event(1))
+    add_sd = numpyro.sample("add_sd", dist.HalfNormal(2.0))
+    numpyro.deterministic("thalf", jnp.log(2.0) * jnp.exp(tv - tcl))
+    with subjects(pop):
+        eta = numpyro.sample("eta", dist.Normal(0.0, omega).to_event(1))
+        ka = numpyro.deterministic("ka", jnp.exp(tka + eta[..., 0]))
+        cl = numpyro.deterministic("cl", jnp.exp(tcl + eta[..., 1]))
+        v = numpyro.deterministic("v", jnp.exp(tv + eta[..., 2]))
+        observe("conc", additive(pk.one_cmt(pop, cl=cl, v=v, ka=ka), add_sd), pop)
 
 
 def theo_model_full(pop: Population) -> None:

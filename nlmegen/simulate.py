@@ -170,7 +170,8 @@ def _values_at_draws(fit, pop, sites, posterior: dict, lead: tuple, index: np.nd
             return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), v)
         return np.broadcast_to(np.asarray(v, dtype=float), (n, *np.shape(v)))
 
-    values = {s.name: pick(posterior[s.name]) if s.name in posterior else repeat(fit.params[s.name])
+    held = model_values(fit)  # network weights back in their pytree
+    values = {s.name: pick(posterior[s.name]) if s.name in posterior else repeat(held[s.name])
               for s in sites.population}
     if individual:
         order = _subject_positions(fit, pop)

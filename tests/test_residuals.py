@@ -44,5 +44,5 @@ def test_simulate_from_a_fit(simulated_fit):
 
 
 def test_residuals_need_the_model(simulated_fit):
-    with pytest.raises(ValueError, match="model and population"):
+    with pytest.raises(ValueError, match=r"residuals needs the fit's model: .*dataclasses.replace"):
         dataclasses.replace(simulated_fit, model=None).residuals()

@@ -107,8 +107,7 @@ def prediction_curves(fit, ids=None, *, n_points: int = 200) -> pd.DataFrame:
     from ..model import discover
     from ..simulate import ebe_values, model_values, simulate_batched
 
-    if fit.model is None or fit.pop is None:
-        raise ValueError("prediction curves need the fit's model and population (fit.model / fit.pop)")
+    fit.require_model("prediction curves (plot_individuals)")
     ids = list(fit.pop.ids) if ids is None else list(ids)
     unknown = [i for i in ids if i not in fit.pop.ids]
     if unknown:

@@ -118,9 +118,7 @@ def residuals(fit, *, n_sim: int = 1000, key: jax.Array | None = None) -> pd.Dat
     """
     from ..simulate import model_values, simulate_arrays
 
-    if fit.model is None or fit.pop is None:
-        raise ValueError("residuals need the fit's model and population (fit.model / fit.pop are None: "
-                         "a loaded fit? pass them with dataclasses.replace(fit, model=..., pop=...))")
+    fit.require_model("residuals")
     pop = fit.pop
     mask, dv = np.asarray(pop.mask), np.asarray(pop.dv)
     try:

@@ -11,7 +11,7 @@ with its simulated interval.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -32,12 +32,18 @@ class VPC:
     ci: float
     pred_corrected: bool
     x: str = "TIME"
+    edges: dict = field(default_factory=dict)  # (stratum, output) -> bin edges on the x axis
+    n_sim: int = 0
+    bins: str = ""  # how the bins were made, for the figure's note
 
-    def plot(self, *, log_y: bool = False, axes: Any = None) -> Any:
-        """The classic VPC figure: one panel per stratum and output (see `nlmegen.diagnostics.plots`)."""
+    def plot(self, *, log_y: bool = False, axes: Any = None, units: dict | None = None) -> Any:
+        """The classic VPC figure: one panel per stratum and output (see `nlmegen.diagnostics._vpc_plot`).
+
+        ``units``: ``{"time": "h", "DV": "mg/L"}`` (or one DV unit per output name) for the axis labels.
+        """
         from ._vpc_plot import plot_vpc
 
-        return plot_vpc(self, log_y=log_y, axes=axes)
+        return plot_vpc(self, log_y=log_y, axes=axes, units=units)
 
 
 def _cluster_edges(x: np.ndarray, n_bins: int) -> np.ndarray:
@@ -159,10 +165,10 @@ def vpc(
 
     if x not in ("time", "tad"):
         raise ValueError(f"x must be 'time' or 'tad', not {x!r}")
-    model = model if model is not None else fit.model
-    pop = pop if pop is not None else fit.pop
-    if model is None or pop is None:
-        raise ValueError("vpc needs a model and a population (a loaded fit holds neither: pass model= and pop=)")
+    if fit is not None:
+        model, pop = fit.require_model("vpc", model=model, pop=pop)
+    elif model is None or pop is None:
+        raise ValueError("vpc without a fit needs model= and pop= (and params=)")
     key = jax.random.key(0) if key is None else key
     if params is None:
         params = model_values(fit)
@@ -174,9 +180,10 @@ def vpc(
     xcol = "TAD" if x == "tad" else "TIME"
     mask = np.asarray(pop.mask)
     sim_values = sims[:, mask]  # [K, n_obs] in the order of `observed`
-    rows, blq_rows = [], []
+    rows, blq_rows, all_edges = [], [], {}
     for (stratum, output), group in observed.groupby(["stratum", "output"], sort=True):
         edges = _edges(group[xcol].to_numpy(), bins)
+        all_edges[(stratum, output)] = [float(e) for e in edges]
         group = group.assign(bin=np.clip(np.searchsorted(edges, group[xcol], side="right") - 1, 0,
                                          len(edges) - 2))
         for b, in_bin in group.groupby("bin"):
@@ -199,7 +206,9 @@ def vpc(
                                  "observed": float(np.mean(in_bin["CENS"] == 1)),
                                  "sim_lower": np.quantile(frac, (1 - ci) / 2), "sim_median": np.median(frac),
                                  "sim_upper": np.quantile(frac, (1 + ci) / 2)})
-    return VPC(pd.DataFrame(rows), pd.DataFrame(blq_rows), observed, tuple(quantiles), ci, pred_corrected, xcol)
+    how = bins if isinstance(bins, str) else ("clusters" if np.isscalar(bins) else "explicit edges")
+    return VPC(pd.DataFrame(rows), pd.DataFrame(blq_rows), observed, tuple(quantiles), ci, pred_corrected, xcol,
+               all_edges, int(n_sim), str(how))
 
 
 def _typical_prediction(model, params, pop) -> np.ndarray:

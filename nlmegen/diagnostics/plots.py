@@ -198,6 +198,7 @@ def plot_individuals(fit, ids: Sequence | None = None, *, n_points: int = 200, n
     -------
     matplotlib.figure.Figure
     """
+    fit.require_model("plot_individuals")
     ids = list(fit.pop.ids[:12]) if ids is None else list(ids)
     if curves is None:
         curves = prediction_curves(fit, ids, n_points=n_points)

@@ -3,8 +3,9 @@
 ArviZ and xarray are imported only when these functions run.
 """
 
-from ._arviz import load as load
-from ._arviz import save as save
 from ._arviz import to_arviz as to_arviz
+from ._file import FileFormatError as FileFormatError
+from ._file import load as load
+from ._file import save as save
 
-__all__ = ["load", "save", "to_arviz"]
+__all__ = ["FileFormatError", "load", "save", "to_arviz"]

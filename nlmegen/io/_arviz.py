@@ -1,47 +1,28 @@
-"""`FitResult` <-> ArviZ `DataTree` and netCDF files.
+"""`FitResult` -> ArviZ `DataTree` (the file format is in :mod:`nlmegen.io._file`).
 
 All ArviZ / xarray imports are inside the functions, so importing nlmegen does not load them.
-
-File format of `save` (a netCDF-4 file written by h5netcdf, readable by
-``xarray.open_datatree``): root attributes ``nlmegen_format = "FitResult"``,
-``nlmegen_format_version`` and ``nlmegen_meta`` (JSON: scalars, strings, tuples, dicts, the
-support name of each transform, and the layout of the tables); groups ``arrays`` (the NumPy
-fields), ``params``, ``se``, ``shrinkage``, ``draws`` (one variable per key) and ``ebes``,
-``history`` (one variable per column, ``index`` for the row labels).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
-from ..infer.shared.result import _json_default, label_site
+from ..infer.shared.result import label_site
 
 if TYPE_CHECKING:
     from ..infer.shared.result import FitResult
 
-__all__ = ["load", "save", "to_arviz"]
+__all__ = ["support_name", "to_arviz", "transform_from_name"]
 
-FORMAT, FORMAT_VERSION = "FitResult", 1
 SAMPLE_STATS = ("lp", "diverging", "acceptance_rate", "accept_prob", "step_size", "tree_depth", "n_steps", "num_steps",
                 "energy", "potential_energy", "mean_tree_accept")
 NAMED_SUPPORTS = ("real", "positive", "unit_interval", "corr_cholesky", "corr_matrix", "lower_cholesky",
                   "scaled_unit_lower_cholesky", "softplus_lower_cholesky", "softplus_positive", "simplex",
                   "ordered_vector", "positive_ordered_vector", "positive_definite", "real_vector", "real_matrix",
                   "l1_ball", "circular")
-_ARRAYS = ("times", "dv", "mask", "dvid", "pred", "ipred", "theta", "free", "ebe_cov", "ebe_converged",
-           "covariance", "se_unconstrained")
-_SCALARS = ("method", "ofv", "loglik", "aic", "bic", "n_obs", "n_params", "n_subjects", "status", "message",
-            "covariance_kind", "timings", "settings")
-_TUPLES = ("ids", "outputs", "theta_names", "warnings", "fixed")
-
-
 # ---------------------------------------------------------------------- support names
 def _constraint_name(c: Any) -> str | None:
     from numpyro.distributions import constraints as C
@@ -126,7 +107,9 @@ def _site_indices(labels: Any) -> dict[str, list[int]]:
 
 
 def _population_draws(fit: FitResult, n: int, rng: np.random.Generator) -> tuple[dict, np.ndarray | None]:
-    """User-scale draws of the population sites from N(theta_hat, covariance); ``log q`` per draw."""
+    """User-scale draws of the population sites from N(theta_hat, covariance); ``log q`` per draw.
+
+    The unconstrained draws ``[n, p]`` are kept in the returned dict under ``"__theta__"``."""
     free = np.flatnonzero(fit.free)
     root = None if fit.covariance is None or n == 1 else _root(fit.covariance)
     theta, log_q = np.tile(fit.theta, (n, 1)), None
@@ -145,6 +128,7 @@ def _population_draws(fit: FitResult, n: int, rng: np.random.Generator) -> tuple
             out[site] = np.asarray(t(u), dtype=float)
         else:
             out[site] = np.broadcast_to(value, (n, *value.shape)).copy()
+    out["__theta__"] = theta
     return out, log_q
 
 
@@ -192,8 +176,10 @@ def _ml_groups(fit: FitResult, n_draws: int, seed: int) -> tuple[dict, dict, dic
     rng = np.random.default_rng(seed)
     n = 1 if fit.covariance is None else int(n_draws)
     pop, log_q = _population_draws(fit, n, rng)
+    theta = pop.pop("__theta__")
     eta = _random_effect_draws(fit, n, rng)
     posterior = {k: v[None] for k, v in {**pop, **eta}.items()}
+    posterior["__theta__"] = theta
     dims = {k: _dims(k, v.ndim - 1, False) for k, v in pop.items()}
     dims.update({k: _dims(k, v.ndim - 1, True) for k, v in eta.items()})
     stats = {} if log_q is None else {"log_q": log_q[None]}
@@ -229,13 +215,33 @@ _DESCRIPTIONS = {
 
 
 def _log_likelihood(fit: FitResult, posterior: dict) -> np.ndarray:
-    """``[chain, draw, obs]`` pointwise log-likelihood of the real observations at every draw."""
+    """``[chain, draw, obs]`` pointwise log-likelihood of the real observations at every draw,
+    conditional on each draw's random effects."""
     from ..infer.shared.pointwise import pointwise_log_likelihood
+    from ..simulate import model_values
 
     lead = next(iter(posterior.values())).shape[:2]
-    fixed = {k: v for k, v in fit.params.items() if k not in posterior}
-    ll = pointwise_log_likelihood(fit.model, fit.pop, posterior, fixed, lead)
+    held = model_values(fit)  # network weights as the pytree the model takes (constant over ML draws)
+    network = {k for k, v in held.items() if isinstance(v, dict)}
+    draws = {k: v for k, v in posterior.items() if k not in network}
+    fixed = {k: v for k, v in held.items() if k not in draws}
+    ll = pointwise_log_likelihood(fit.model, fit.pop, draws, fixed, lead)
     return ll[..., fit.mask]
+
+
+def _subject_log_likelihood(fit: FitResult, posterior: dict, theta: np.ndarray | None) -> np.ndarray:
+    """``[chain, draw, subject]`` marginal log-likelihood of each subject (random effects integrated
+    out by the Laplace approximation) at every draw; see `nlmegen.infer.shared.marginal`."""
+    from ..infer.shared.marginal import subject_log_likelihood, theta_of_draws, unconstrained_ebes
+    from ..model import discover
+
+    sites = discover(fit.model, fit.pop)
+    lead = next(iter(posterior.values())).shape[:2]
+    n = int(np.prod(lead))
+    if theta is None:
+        theta = theta_of_draws(fit, sites, posterior, n)
+    ll = subject_log_likelihood(fit.model, fit.pop, theta, unconstrained_ebes(fit, sites))
+    return ll.reshape(*lead, fit.n_subjects)
 
 
 def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likelihood: bool = True,
@@ -254,17 +260,26 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
       Population sites have dims ``(chain, draw, <site>_dim_0, ...)``, random-effect sites
       ``(chain, draw, subject[, <site>_dim_0])`` with ``subject`` the original IDs.
     - ``sample_stats``: maximum likelihood: ``log_q``, the log density of the normal approximation
-      at each draw (for importance resampling, SIR); Bayesian: the keys of ``fit.draws`` that are
-      sampler statistics (``lp``, ``diverging``, ...). Absent when empty.
-    - ``log_likelihood``: Bayesian fits only, while the fit still holds its model and data (not
-      after `load`): ``DV``, the log-likelihood of each observation at each draw, dims
-      ``(chain, draw, obs)`` (M3 terms for censored records), so ``arviz.loo`` works. Skipped
-      with ``log_likelihood=False``.
-    - ``posterior_predictive``: ``DV`` simulated from the model at every posterior draw (its own
-      random effects for each fitted subject, plus residual error), dims ``(chain, draw, obs)``
-      aligned with ``observed_data`` (`nlmegen.simulate.posterior_predictive`). Added by default
-      for Bayesian fits holding their model and data; ``posterior_predictive=True`` adds it for
-      maximum-likelihood fits too (simulated at the asymptotic-normal draws).
+      at each draw (for importance resampling, SIR, or ``arviz.loo_approximate_posterior``);
+      Bayesian: the keys of ``fit.draws`` that are sampler statistics (``lp``, ``diverging``,
+      ...). Absent when empty.
+    - ``log_likelihood`` (every fit holding its model and data; ``log_likelihood=False`` skips it),
+      two variables, so pass ``var_name`` to ``arviz.loo`` / ``arviz.compare``:
+
+      - ``subject_marginal``, dims ``(chain, draw, subject)``: the *marginal* log-likelihood of each
+        subject, ``log p(y_i | theta)``, random effects integrated out (Laplace approximation,
+        FOCEI for Gaussian residuals, at each draw's own EBEs). ``arviz.loo(dt, var_name="subject_marginal")``
+        is leave-one-subject-out cross-validation, the one that predicts new subjects; use it to
+        compare maximum-likelihood and Bayesian fits (`FitResult.loo`).
+      - ``DV``, dims ``(chain, draw, obs)``: each observation's log-likelihood *conditional* on the
+        draw's random effects (M3 terms for censored records); for maximum-likelihood fits the
+        random effects are drawn from ``N(EBE, ebe_cov)``. Leave-one-observation-out with
+        subject-level random effects often gives high Pareto k (each subject's random effects are
+        informed by few records).
+    - ``posterior_predictive``: ``DV`` simulated from the model at every draw (its own random
+      effects for each fitted subject, plus residual error), dims ``(chain, draw, obs)`` aligned
+      with ``observed_data`` (`nlmegen.simulate.posterior_predictive`); for every fit holding its
+      model and data unless ``posterior_predictive=False``.
     - ``observed_data``: ``DV`` over the real observations (dim ``obs``, subjects in order, padding
       dropped) with coordinates ``ID``, ``TIME`` and ``output``.
     - ``constant_data``: ``ID``, ``TIME``, ``DVID`` (output index) and ``output`` per observation.
@@ -273,6 +288,8 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
 
     Root attributes hold method, status, OFV, log-likelihood, AIC, BIC and ``posterior_kind``
     (``"asymptotic_normal"``, ``"point_estimate"`` or ``"draws"``).
+
+    A fit read by `nlmegen.load` returns the tree stored in its file (whatever the arguments).
 
     Parameters
     ----------
@@ -283,9 +300,9 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
     seed
         Seed of those draws (NumPy generator).
     log_likelihood
-        Compute the ``log_likelihood`` group (Bayesian fits).
+        Compute the ``log_likelihood`` group.
     posterior_predictive
-        Compute the ``posterior_predictive`` group (default: for Bayesian fits).
+        Compute the ``posterior_predictive`` group (default: when the fit holds its model and data).
 
     Returns
     -------
@@ -293,7 +310,11 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
     """
     from arviz_base import from_dict
 
+    stored = fit.tables.get("arviz")
+    if stored is not None:
+        return stored.copy()
     posterior, stats, dims, kind = _bayes_groups(fit) if fit.draws is not None else _ml_groups(fit, n_draws, seed)
+    theta = posterior.pop("__theta__", None)
     obs = _observations(fit)
     coords = {"subject": np.asarray(list(fit.ids)), "obs": np.arange(obs["DV"].size)}
     dims.update({k: ["obs"] for k in ("DV", "ID", "TIME", "DVID", "output", "PRED", "IPRED")})
@@ -301,24 +322,36 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
               "constant_data": {k: obs[k] for k in ("ID", "TIME", "DVID", "output")}}
     if stats:
         groups["sample_stats"] = stats
-    if kind == "draws" and log_likelihood and fit.model is not None and fit.pop is not None:
-        groups["log_likelihood"] = {"DV": _log_likelihood(fit, posterior)}
+    has_model = fit.model is not None and fit.pop is not None
+    if log_likelihood and has_model and fit.status != "failed":
+        groups["log_likelihood"] = {"subject_marginal": _subject_log_likelihood(fit, posterior, theta),
+                                    "DV": _log_likelihood(fit, posterior)}
+        dims["subject_marginal"] = ["subject"]
     root = {"nlmegen_method": fit.method, "nlmegen_status": fit.status, "ofv": fit.ofv, "loglik": fit.loglik,
             "aic": fit.aic, "bic": fit.bic, "posterior_kind": kind}
-    dt = from_dict(groups, coords=coords, dims=dims,
-                   attrs={"/": root, "posterior": {"description": _DESCRIPTIONS[kind]}})
+    attrs = {"/": root, "posterior": {"description": _DESCRIPTIONS[kind]}}
+    if "log_likelihood" in groups:
+        attrs["log_likelihood"] = {"description": _LL_DESCRIPTION}
+    dt = from_dict(groups, coords=coords, dims=dims, attrs=attrs)
     obs_coords = {k: ("obs", obs[k]) for k in ("ID", "TIME", "output")}
     dt["observed_data"] = dt["observed_data"].to_dataset().assign_coords(obs_coords)
     dt["point_estimate"] = _point_dataset(fit, obs, coords).assign_coords(obs_coords)
     if posterior_predictive is None:
-        posterior_predictive = kind == "draws"
-    if posterior_predictive and fit.model is not None and fit.pop is not None:
+        posterior_predictive = fit.status != "failed"
+    if posterior_predictive and has_model:
         import jax
 
         from ..simulate import posterior_predictive as _simulate_predictive
 
-        dt["posterior_predictive"] = _simulate_predictive(fit, key=jax.random.key(seed), draws=posterior)
+        network = [s for s in fit.params if s not in fit.transforms and s not in fit.fixed]  # flat weights
+        drawn = {k: v for k, v in posterior.items() if k not in network or fit.draws is not None}
+        dt["posterior_predictive"] = _simulate_predictive(fit, key=jax.random.key(seed), draws=drawn)
     return dt
+
+
+_LL_DESCRIPTION = ("subject_marginal: marginal log p(y_i | theta) per subject (random effects integrated out, "
+                   "Laplace/FOCEI approximation): leave-one-subject-out; DV: per observation, conditional on the "
+                   "draw's random effects")
 
 
 def _point_dataset(fit: FitResult, obs: dict, coords: dict) -> Any:
@@ -331,138 +364,3 @@ def _point_dataset(fit: FitResult, obs: dict, coords: dict) -> Any:
     dims = {k: _dims(k, np.ndim(v), k in sites) for k, v in point.items()} | {"PRED": ["obs"], "IPRED": ["obs"]}
     return dict_to_dataset(point, coords=coords, dims=dims, sample_dims=[],
                            attrs={"description": "point estimates (user scale), EBEs, PRED and IPRED"})
-
-
-# ---------------------------------------------------------------------- netCDF
-def _values(values: Any) -> np.ndarray:
-    """Column / index values as a NumPy array netCDF can hold (text as fixed-width unicode)."""
-    arr = np.asarray(values)
-    if arr.dtype.kind in "OUS" or str(getattr(values, "dtype", "")) in ("str", "string"):
-        return np.asarray([str(v) for v in arr], dtype=str) if arr.size else np.zeros(0, dtype="<U1")
-    return arr
-
-
-def _frame_dataset(frame: pd.DataFrame) -> tuple[Any, dict]:
-    import xarray as xr
-
-    data = {f"c{i}": ("row", _values(frame.iloc[:, i])) for i in range(frame.shape[1])}
-    index = frame.index
-    meta = {"columns": list(frame.columns), "columns_dtype": str(frame.columns.dtype),
-            "dtypes": [str(d) for d in frame.dtypes], "index_name": index.name, "index_dtype": str(index.dtype)}
-    if isinstance(index, pd.RangeIndex):
-        meta["range"] = [index.start, index.stop, index.step]
-    else:
-        data["index"] = ("row", _values(index))
-    return xr.Dataset(data), meta
-
-
-def _frame_from(ds: Any, meta: dict) -> pd.DataFrame:
-    if "range" in meta:
-        index = pd.RangeIndex(*meta["range"], name=meta["index_name"])
-    else:
-        index = pd.Index(ds["index"].values, dtype=meta["index_dtype"], name=meta["index_name"])
-    columns = {i: pd.Series(ds[f"c{i}"].values, index=index).astype(dtype)
-               for i, dtype in enumerate(meta["dtypes"])}
-    frame = pd.DataFrame(columns, index=index)
-    frame.columns = pd.Index(meta["columns"], dtype=meta["columns_dtype"])
-    return frame
-
-
-def _dict_dataset(values: dict[str, np.ndarray]) -> Any:
-    import xarray as xr
-
-    bad = [k for k in values if "/" in k]
-    if bad:
-        raise ValueError(f"cannot save names containing '/': {bad}")
-    return xr.Dataset({k: (_dims(k, np.ndim(v), False), np.asarray(v)) for k, v in values.items()})
-
-
-def _dict_from(ds: Any, keys: list[str]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(ds[k].values) for k in keys}
-
-
-def _meta(fit: FitResult, frames: dict) -> dict:
-    meta = {k: getattr(fit, k) for k in _SCALARS}
-    meta.update({k: list(getattr(fit, k)) for k in _TUPLES})
-    meta["supports"] = {k: support_name(t) for k, t in fit.transforms.items()}
-    meta["keys"] = {k: list(getattr(fit, k)) for k in ("params", "se", "shrinkage")}
-    meta["keys"]["draws"] = None if fit.draws is None else list(fit.draws)
-    meta["optional"] = {k: getattr(fit, k) is not None for k in ("covariance", "se_unconstrained")}
-    meta["frames"] = frames
-    return meta
-
-
-def save(fit: FitResult, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Write ``fit`` to a netCDF file (h5netcdf); read it back with `load`.
-
-    Everything but ``model``, ``pop`` and ``transforms`` is stored; each transform is kept as
-    the name of its support (see `support_name`) and rebuilt on `load`.
-
-    Parameters
-    ----------
-    fit
-        The result to save.
-    path
-        File to write. Written to a temporary file next to it first, then moved into place.
-    overwrite
-        Replace an existing file. Without it an existing ``path`` raises `FileExistsError`.
-    """
-    import xarray as xr
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    frames, nodes = {}, {}
-    for name in ("ebes", "history"):
-        nodes[name], frames[name] = _frame_dataset(getattr(fit, name))
-    arrays = {k: getattr(fit, k) for k in _ARRAYS if getattr(fit, k) is not None}
-    nodes["arrays"] = _dict_dataset(arrays)
-    for name in ("params", "se", "shrinkage", "draws"):
-        if getattr(fit, name) is not None:
-            nodes[name] = _dict_dataset(getattr(fit, name))
-    attrs = {"nlmegen_format": FORMAT, "nlmegen_format_version": FORMAT_VERSION,
-             "nlmegen_meta": json.dumps(_meta(fit, frames), default=_json_default)}
-    tree = xr.DataTree.from_dict({"/": xr.Dataset(attrs=attrs), **nodes})
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        tree.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def load(path: str | os.PathLike) -> FitResult:
-    """Read a `FitResult` written by `save` (``model`` and ``pop`` are None).
-
-    Transforms are rebuilt from the saved support names where possible (``real``, ``positive``,
-    ``unit_interval``, ``corr_cholesky``, ``interval(a,b)``, ...); other sites get none.
-
-    Parameters
-    ----------
-    path
-        The netCDF file.
-
-    Returns
-    -------
-    FitResult
-    """
-    import xarray as xr
-
-    from ..infer.shared.result import FitResult
-
-    tree = xr.load_datatree(Path(path), engine="h5netcdf")
-    if tree.attrs.get("nlmegen_format") != FORMAT:
-        raise ValueError(f"{path} is not a file written by FitResult.save")
-    meta = json.loads(tree.attrs["nlmegen_meta"])
-    kwargs = {k: meta[k] for k in _SCALARS} | {k: tuple(meta[k]) for k in _TUPLES}
-    present = [k for k in _ARRAYS if meta["optional"].get(k, True)]
-    kwargs.update(_dict_from(tree["arrays"].to_dataset(), present))
-    kwargs.update({k: None for k, on in meta["optional"].items() if not on})
-    for name, keys in meta["keys"].items():
-        kwargs[name] = None if keys is None else _dict_from(tree[name].to_dataset() if keys else {}, keys)
-    for name, frame_meta in meta["frames"].items():
-        kwargs[name] = _frame_from(tree[name].to_dataset(), frame_meta)
-    transforms = {k: transform_from_name(v) for k, v in meta["supports"].items()}
-    kwargs["transforms"] = {k: t for k, t in transforms.items() if t is not None}
-    return FitResult(**kwargs)

@@ -20,7 +20,11 @@ from .._errors import ModelError
 from ._observe import OBSERVE_TAG, OUTPUT_TAG
 from ._plate import SUBJECT_PLATE
 
-__all__ = ["Site", "Sites", "discover"]
+__all__ = ["POPULATION_TAG", "Site", "Sites", "discover"]
+
+#: ``infer={POPULATION_TAG: True}`` on a latent site outside the subject plate whose leading axis
+#: happens to equal the number of subjects says "this really is a population parameter"
+POPULATION_TAG = "nlmegen_population"
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ def _static_view(trace: dict) -> dict:
             "plates": [(f.name, f.dim, f.size) for f in site.get("cond_indep_stack", [])],
             "tag": bool((site.get("infer") or {}).get(OBSERVE_TAG)),
             "output": (site.get("infer") or {}).get(OUTPUT_TAG),
+            "masked": site.get("mask") is not None or _masked_fn(site.get("fn")),
+            "population_tag": bool((site.get("infer") or {}).get(POPULATION_TAG)),
         }
         if site["type"] == "sample":
             fn = site["fn"]
@@ -116,7 +122,12 @@ def discover(model, pop, *args, **kwargs) -> Sites:
     ------
     ModelError
         Naming the site: an observed site outside the subject plate, a latent site in a plate nested
-        inside the subject plate, a discrete latent site, or a model without a subject plate.
+        inside the subject plate, a discrete latent site, a model without a subject plate, an
+        observed ``[subj, obs]`` site written with ``numpyro.sample(..., obs=pop.dv)`` instead of
+        `nlmegen.observe` (it would count the padding as data), or a latent site outside the
+        subject plate whose leading axis has one value per subject (it would become that many
+        fixed effects; tag a true population vector of that length with
+        ``infer={"nlmegen_population": True}``).
 
     Examples
     --------
@@ -147,6 +158,7 @@ def discover(model, pop, *args, **kwargs) -> Sites:
             if not in_subject:
                 raise ModelError(f"observed site {name!r} is outside the subject plate; declare observations "
                                  "inside `with nlmegen.subjects(pop):` (nlmegen.observe)")
+            _check_raw_observation(name, site, pop)
             observed.append(Site(name, site["shape"][1:] if site["shape"] else (), site["support"],
                                  output=site["output"]))
             continue
@@ -162,11 +174,64 @@ def discover(model, pop, *args, **kwargs) -> Sites:
             random_effects.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape)))
         else:
             shape = site["shape"]
+            _check_per_subject_outside_plate(name, site, n_subj)
             population.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape)))
     if not random_effects and not any(SUBJECT_PLATE in [p[0] for p in s["plates"]] for s in view.values()):
         raise ModelError("the model has no subject plate; wrap random effects and observations in "
                          "`with nlmegen.subjects(pop):`")
     return Sites(tuple(population), tuple(random_effects), tuple(observed), tuple(deterministic), n_subj)
+
+
+def _masked_fn(fn: Any) -> bool:
+    """Whether a distribution (under any ``Independent`` wrappers) carries a mask of its own."""
+    import numpyro.distributions as dist
+
+    while isinstance(fn, dist.Independent):
+        fn = fn.base_dist
+    return isinstance(fn, dist.MaskedDistribution)
+
+
+def _check_raw_observation(name: str, site: dict, pop) -> None:
+    """An observed ``[subj, obs]`` site not declared by `nlmegen.observe` and not masked counts the
+    padding slots of the event table as observations (DV = 0 there): a silently wrong likelihood."""
+    shape, grid = site["shape"] or (), tuple(pop.dv.shape)
+    if site["tag"] or site["masked"] or tuple(shape[:2]) != grid:
+        return
+    n_pad = int(np.size(pop.mask) - np.sum(np.asarray(pop.mask)))
+    raise ModelError(
+        f"observed site {name!r} was declared with numpyro.sample(..., obs=...) over the [subj, obs] grid "
+        f"{grid}; that grid is padded ({n_pad} slots are not observations, and dose records, censoring and outputs "
+        f"are not handled), so the likelihood would count them as data. Declare it with "
+        f"nlmegen.observe({name!r}, distribution, pop) instead")
+
+
+#: a 1-D real latent site outside the plate with one value per subject is flagged from this many
+#: subjects on (below it, e.g. 3 subjects and 3 typical values, the coincidence is too likely)
+MIN_SUBJECTS_1D = 8
+
+
+def _real(support: Any) -> bool:
+    """Real-valued support (random effects are; SDs and variances, positive, are not)."""
+    while isinstance(support, constraints._IndependentConstraint):
+        support = support.base_constraint
+    return isinstance(support, (constraints._Real, constraints._RealVector))
+
+
+def _check_per_subject_outside_plate(name: str, site: dict, n_subj: int) -> None:
+    """A real-valued latent site outside the subject plate with one value per subject on its leading
+    axis (2-D, or 1-D with at least `MIN_SUBJECTS_1D` subjects) is almost always a random effect
+    written without the plate: it would become ``n_subj`` fixed effects."""
+    shape = site["shape"]
+    if site["population_tag"] or n_subj < 2 or not shape or shape[0] != n_subj or not _real(site["support"]):
+        return
+    if len(shape) == 1 and n_subj < MIN_SUBJECTS_1D:  # a short real vector may be a population vector
+        return
+    raise ModelError(
+        f"latent site {name!r} has shape {shape} (one value per subject on its leading axis) but is sampled "
+        f"outside the subject plate, so it would be estimated as {int(np.prod(shape))} population parameters "
+        f"(fixed effects), not as random effects. Sample it inside `with nlmegen.subjects(pop):` with the "
+        f"per-subject distribution (e.g. dist.Normal(0, omega).to_event(1)). If it really is a population "
+        f"parameter of that length, pass infer={{{POPULATION_TAG!r}: True}} to numpyro.sample")
 
 
 def _per_subject_shape(name: str, shape: tuple | None, plate: tuple, n_subj: int) -> tuple:

@@ -377,8 +377,12 @@ class _Problem:
         notes = [message, f"max |dOFV/dtheta| = {grad_max:.2g}"]
         if not np.isfinite(ofv):
             subjects, params = self.nonfinite or ([], [])
-            return "failed", (f"objective is not finite at the final estimate: subject(s) {subjects[:10]}, "
-                              f"non-finite gradient for {params}; {message}")
+            from ..shared.diagnose import explain_nonfinite
+
+            last = getattr(self, "last_x", self.theta0[self.free])
+            cause = explain_nonfinite(self.density, self.full(last), self.eta, self.pop)
+            return "failed", ((f"{cause}; " if cause else "") + f"objective is not finite at the final estimate: "
+                              f"subject(s) {subjects[:10]}, non-finite gradient for {params}; {message}")
         if self.nonfinite is not None:
             subjects, params = self.nonfinite
             self.warnings.append(f"the objective was not finite at some trial parameters (subject(s) "

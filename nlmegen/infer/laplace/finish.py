@@ -61,7 +61,8 @@ def _standard_errors(problem, x_hat: np.ndarray, covariance) -> tuple[dict, np.n
     se_flat = np.sqrt(np.clip(np.diag(delta_method(jac, covariance)), 0.0, None))
     se = _per_site(values, se_flat)
     for name in problem.fixed_names:  # not estimated: no standard error (rather than a false 0)
-        se[name] = np.full(np.shape(se[name]), np.nan)
+        if name in se:  # single fixed elements ("omega[2]") are blanked by FitResult
+            se[name] = np.full(np.shape(se[name]), np.nan)
     return se, np.sqrt(np.clip(np.diag(covariance), 0.0, None))
 
 
@@ -116,7 +117,8 @@ def build_result(problem, x_hat, ofv, ebe, status, message, cov, timings) -> Fit
         outputs=tuple(pop.outputs), pred=pred, ipred=ipred, theta=np.asarray(theta),
         theta_names=tuple(theta_labels(density.theta_space)), free=problem.free.copy(),
         covariance=cov.covariance, covariance_kind=cov.kind, se_unconstrained=se_u,
-        shrinkage=_shrinkage(pop, eta, precision, ipred, var), history=pd.DataFrame(problem.history),
+        shrinkage=_shrinkage(pop, eta, precision, ipred, var) if status != "failed" else {},
+        history=pd.DataFrame(problem.history),
         timings=timings, settings=_settings(problem.backend), warnings=tuple(problem.warnings), draws=None,
         fixed=tuple(problem.fixed_names), transforms=_transforms(density), model=problem.model, pop=pop,
     )

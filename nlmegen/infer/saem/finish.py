@@ -136,12 +136,12 @@ def _focei(problem, theta, eta_mean):
     from ..laplace.backend import FOCEI, Laplace, _Problem
     from ..laplace.finish import _standard_errors
     from ..shared.covariance import covariance_step
+    from ..shared.start import split_values
 
     b = problem.backend
     values = {k: (np.asarray(v) if not isinstance(v, dict) else v)
               for k, v in problem.density.theta_space.constrain(jnp.asarray(theta)).items()}
-    init = {k: v for k, v in values.items() if k not in problem.fixed_names}
-    fixed = {k: v for k, v in values.items() if k in problem.fixed_names}
+    init, fixed = split_values(values, problem.fixed_names)  # single fixed elements ("omega[2]") too
     fp = None
     for backend in (FOCEI(covariance=b.covariance, progress=False), Laplace(covariance=b.covariance, progress=False)):
         try:
@@ -189,6 +189,12 @@ def finish(problem, run) -> FitResult:
                                              jnp.asarray(eta_cov), key, b.is_draws, b.is_df)
         timings["is_s"] = time.perf_counter() - start
     ofv = m2ll - n_obs * LOG_2PI
+    if status != "failed" and b.is_draws and not np.isfinite(m2ll):  # never "converged" with a NaN likelihood
+        from ..shared.diagnose import explain_nonfinite
+
+        cause = explain_nonfinite(density, theta, eta_mean, pop)
+        status, message = "failed", ((f"{cause}; " if cause else "") + "the log-likelihood (importance sampling) is "
+                                     f"not finite at the estimate; {message}")
 
     focei = None
     if b.focei and status != "failed":

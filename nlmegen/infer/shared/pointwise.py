@@ -67,7 +67,7 @@ def pointwise_log_likelihood(model, pop, draws: Mapping[str, np.ndarray], fixed:
     density = Density(model, discover(model, pop))
     n = int(np.prod(lead))
     flat = {k: np.reshape(np.asarray(v), (n, *np.shape(v)[len(lead):])) for k, v in draws.items()}
-    held = {k: jnp.asarray(v) for k, v in fixed.items() if k not in draws}
+    held = {k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in fixed.items() if k not in draws}
 
     @jax.jit
     def batch(values):

@@ -149,7 +149,10 @@ class FitResult:
         Site -> ``biject_to(support)`` (unconstrained -> user scale) for population and
         random-effect sites. Not compared; saved only as the support's name.
     model, pop
-        The model function and the `Population` fitted (not compared, not saved).
+        The model function and the `Population` fitted (not compared; `save` keeps the event table
+        and, for a model importable by name, a reference to it).
+    tables : dict
+        Tables computed once and kept (``"natural"``; restored by `nlmegen.load`). Not compared.
     """
 
     method: str
@@ -191,6 +194,7 @@ class FitResult:
     transforms: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     model: Any = field(default=None, compare=False, repr=False)
     pop: Any = field(default=None, compare=False, repr=False)
+    tables: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -222,6 +226,19 @@ class FitResult:
         self._set("timings", {str(k): float(v) for k, v in self.timings.items()})
         self._set("settings", _json_form(dict(self.settings)))
         self._set("transforms", dict(self.transforms))
+        self._set("tables", dict(self.tables))
+        self._nan_fixed_elements()
+
+    def _nan_fixed_elements(self) -> None:
+        """Elements held fixed one by one (``fixed=("omega[2]",)``) have no standard error."""
+        for label in self.fixed:
+            site = label_site(label)
+            if label != site and site in self.se:
+                se = np.array(self.se[site], dtype=float)
+                index = int(label[len(site) + 1:-1])
+                if 0 <= index < se.size:
+                    se.reshape(-1)[index] = np.nan
+                    self.se[site] = se
 
     def _check(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -275,8 +292,51 @@ class FitResult:
             out.update(zip(element_labels(name, value.shape), np.ravel(value).astype(float).tolist(), strict=True))
         return out
 
+    @property
+    def condition_number(self) -> float:
+        """Largest over smallest eigenvalue of `correlation` (NaN without a covariance)."""
+        from .table import condition_number
+
+        return condition_number(self.correlation)
+
+    def table(self, scale: str = "natural") -> pd.DataFrame:
+        """The parameter table on the ``"natural"`` or the ``"estimation"`` scale.
+
+        ``"natural"``: what a pharmacometrician reads: population sites on their own scale (sites
+        that only parameterise the random effects left out), the model's ``numpyro.deterministic``
+        sites (typical values), OMEGA as variances with CV% and shrinkage per random effect, a
+        full block's correlations, delta-method SEs and intervals mapped from the estimation
+        scale; ``table.attrs`` holds ``condition_number``, the ``omega`` matrix and ``notes``. See
+        :mod:`nlmegen.infer.shared.table` for every formula. Computed once and kept.
+
+        ``"estimation"``: `summary`, one row per element of every population site.
+
+        Examples
+        --------
+        >>> import nlmegen
+        >>> pop = nlmegen.read_nonmem(nlmegen.datasets.load("theo_sd"))
+        >>> fit = nlmegen.fit(nlmegen.examples.theo_model, pop, progress=False)
+        >>> table = fit.table()
+        >>> [label for label in table.index if label.startswith("OMEGA")]
+        ['OMEGA(eta[0])', 'OMEGA(eta[1])', 'OMEGA(eta[2])']
+        """
+        if scale == "estimation":
+            return self.summary()
+        if scale != "natural":
+            raise ValueError(f"scale must be 'natural' or 'estimation', not {scale!r}")
+        computed = "natural" in self.tables and self.tables.get("_natural_for") == id(self.model)
+        if not computed and (self.model is not None or "natural" not in self.tables):
+            from .table import natural_table
+
+            self.tables["natural"] = natural_table(self)
+            self.tables["_natural_for"] = id(self.model)
+        table = self.tables["natural"]
+        out = table.copy()
+        out.attrs = dict(table.attrs)
+        return out
+
     def summary(self) -> pd.DataFrame:
-        """Parameter table: one row per scalar element of every population site.
+        """Parameter table on the estimation scale: one row per scalar element of every population site.
 
         Columns: ``estimate``, ``SE``, ``RSE%`` (``100 SE / |estimate|``, NaN at an estimate of
         0), ``CI95_lower``, ``CI95_upper`` and ``fixed``. The 95% intervals use the delta method:
@@ -301,11 +361,13 @@ class FitResult:
         rows = []
         for name, value in self.params.items():
             est = np.ravel(np.asarray(value, dtype=float))
-            fixed = name in self.fixed
+            site_fixed = name in self.fixed
             se = np.ravel(self.se[name]).astype(float) if name in self.se else np.full(est.shape, np.nan)
-            se = np.full(est.shape, np.nan) if fixed else se
+            se = np.full(est.shape, np.nan) if site_fixed else se
             positive = _positive_valued(self.transforms.get(name))
             for label, e, s in zip(element_labels(name, value.shape), est, se, strict=True):
+                fixed = site_fixed or label in self.fixed
+                s = math.nan if fixed else s
                 lo, hi = _interval(e, s, positive)
                 rse = 100.0 * s / abs(e) if e != 0 else math.nan
                 rows.append((label, e, s, rse, lo, hi, fixed))
@@ -353,11 +415,46 @@ class FitResult:
         for name, value in self.shrinkage.items():
             lines.append(f"  {name} shrinkage (%): " + ", ".join(f"{v:.1f}" for v in np.ravel(value)))
         if self.params:
-            table = self.summary().to_string(float_format=lambda x: f"{x:.4g}")
-            lines.extend(["", table])
+            lines.extend(["", self._table_text()])
         if self.warnings:
             lines.extend(["", "warnings:"] + [f"  - {w}" for w in self.warnings])
         return "\n".join(lines)
+
+    def _table_text(self) -> str:
+        """The natural-scale table when it can be had, else the estimation-scale one (repr never fails)."""
+        fmt = {"float_format": lambda x: f"{x:.4g}"}
+        try:
+            table = self.table("natural")
+        except Exception as err:  # noqa: BLE001 - a repr must print whatever the model does
+            note = f"(estimation scale; natural-scale table unavailable: {err})"
+            return note + "\n" + self.summary().to_string(**fmt)
+        shown = table.drop(columns=[c for c in ("CV%", "shrinkage%") if table[c].isna().all()])
+        text = shown.to_string(na_rep="", **fmt)
+        cond = table.attrs.get("condition_number", math.nan)
+        if np.isfinite(cond):
+            text += f"\ncondition number of the correlation matrix of the estimates: {cond:.4g}"
+        return text + "".join(f"\nnote: {n}" for n in table.attrs.get("notes", []))
+
+    def require_model(self, what: str, *, model: Any = None, pop: Any = None) -> tuple[Any, Any]:
+        """``(model, pop)`` for ``what`` (``model``/``pop`` given win over the fit's), or one clear
+        `ValueError` saying what is missing and how to give it."""
+        model = self.model if model is None else model
+        pop = self.pop if pop is None else pop
+        if model is not None and pop is not None:
+            return model, pop
+        missing = " and ".join(n for n, v in (("model", model), ("data (pop)", pop)) if v is None)
+        ref = self.tables.get("model_ref")
+        if "arviz" in self.tables:  # read from a file
+            why = (f"its model {ref!r} is not loaded (a model file is never executed by load; "
+                   "nlmegen.__main__.load_model(ref) loads it)" if ref and ".py:" in ref and model is None else
+                   f"its model {ref!r} could not be imported" if ref and model is None else
+                   "the file names no importable model (one defined in __main__ or inside a function)"
+                   if model is None else "its event table could not be read back")
+            how = "pass them when loading: nlmegen.load(path, model=..., pop=...)"
+        else:
+            why = "this result does not hold " + ("them" if " and " in missing else "it")
+            how = "attach them with dataclasses.replace(fit, model=..., pop=...)"
+        raise ValueError(f"{what} needs the fit's {missing}: {why}; {how}")
 
     # ------------------------------------------------------------------ I/O (delegated)
     def residuals(self, *, n_sim: int = 1000, key: Any = None) -> pd.DataFrame:
@@ -378,35 +475,63 @@ class FitResult:
         seed
             Seed of those draws.
         log_likelihood
-            Add the pointwise ``log_likelihood`` group (Bayesian fits holding their model and data).
+            Add the ``log_likelihood`` group (every fit holding its model and data): variables
+            ``subject_marginal`` (per subject, random effects integrated out: leave-one-subject-out)
+            and ``DV`` (per observation, given each draw's random effects).
         posterior_predictive
-            Add the ``posterior_predictive`` group (default: Bayesian fits holding their model and data).
+            Add the ``posterior_predictive`` group (default: every fit holding its model and data).
+
+        A fit read by `nlmegen.load` returns the groups stored in its file.
         """
         from ...io._arviz import to_arviz
 
         return to_arviz(self, n_draws=n_draws, seed=seed, log_likelihood=log_likelihood,
                         posterior_predictive=posterior_predictive)
 
-    def save(self, path: Any, *, overwrite: bool = False) -> None:
-        """Write this result to a netCDF file (``model``, ``pop`` and ``transforms`` excepted).
+    def save(self, path: Any, *, overwrite: bool = False, n_draws: int = 400) -> None:
+        """Write this result to a netCDF file that ArviZ reads (see :func:`nlmegen.io.save`).
 
         Parameters
         ----------
         path
-            File to write; read it back with :func:`nlmegen.load`.
+            File to write; read it back with :func:`nlmegen.load` (or ``arviz.from_netcdf``).
         overwrite
             Replace an existing file; otherwise an existing ``path`` raises `FileExistsError`.
+        n_draws
+            Draws stored in the ArviZ groups of a maximum-likelihood fit.
         """
-        from ...io._arviz import save
+        from ...io._file import save
 
-        save(self, path, overwrite=overwrite)
+        save(self, path, overwrite=overwrite, n_draws=n_draws)
 
     @staticmethod
-    def load(path: Any) -> FitResult:
+    def load(path: Any, *, model: Any = None, pop: Any = None) -> FitResult:
         """Read a result written by `FitResult.save` (same as :func:`nlmegen.load`)."""
-        from ...io._arviz import load
+        from ...io._file import load
 
-        return load(path)
+        return load(path, model=model, pop=pop)
+
+    def loo(self, by: str = "subject", **kwargs: Any) -> Any:
+        """PSIS leave-one-out cross-validation with ArviZ (``arviz.loo``) on `to_arviz`'s groups.
+
+        Parameters
+        ----------
+        by
+            ``"subject"`` (default): leave one *subject* out, on the marginal log-likelihood of
+            each subject (random effects integrated out; log-likelihood variable
+            ``subject_marginal``): the predictive accuracy for new subjects, comparable between
+            maximum-likelihood and Bayesian fits (``arviz.compare(..., var_name="subject_marginal")``).
+            ``"observation"``: leave one observation out, conditional on the random effects
+            (variable ``DV``); with subject-level random effects this often gives high Pareto k.
+        **kwargs
+            Passed to ``arviz.loo``.
+        """
+        import arviz as az
+
+        names = {"subject": "subject_marginal", "observation": "DV"}
+        if by not in names:
+            raise ValueError(f"by must be one of {list(names)}, not {by!r}")
+        return az.loo(self.to_arviz(), var_name=names[by], **kwargs)
 
 
 def _interval(est: float, se: float, positive: bool) -> tuple[float, float]:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 from numpyro import handlers
 from numpyro.infer.initialization import init_to_median
@@ -15,8 +16,53 @@ from ..._errors import ModelError
 __all__ = ["initial_values", "theta_labels"]
 
 
+def _element(label: str) -> tuple[str, int] | None:
+    """``"omega[2]"`` -> ``("omega", 2)``; None for a plain site name."""
+    import re
+
+    m = re.fullmatch(r"(.+)\[(\d+)\]", str(label))
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def split_elements(fixed: Mapping, sites) -> tuple[dict, dict]:
+    """``fixed`` split into whole sites and single elements (``{"omega[2]": 0.1}``, NONMEM's FIX on
+    one OMEGA), the latter checked: a known vector site, an index in range, and a site whose
+    transform maps element by element (fixing one Cholesky entry of a correlation has no meaning)."""
+    from numpyro.distributions.transforms import biject_to
+
+    shapes = {s.name: s for s in sites.population}
+    whole, elements = {}, {}
+    for key, value in dict(fixed or {}).items():
+        parsed = _element(key)
+        if parsed is None or key in shapes:
+            whole[key] = value
+            continue
+        name, index = parsed
+        if name not in shapes:
+            continue  # left for _check_names to report
+        site = shapes[name]
+        size = int(np.prod(site.shape)) if site.shape else 1
+        if not site.shape or index >= size:
+            raise ModelError(f"fixed: {key!r}: site {name!r} has shape {tuple(site.shape)}; elements are "
+                             f"{name}[0] .. {name}[{size - 1}]" if site.shape else
+                             f"fixed: {key!r}: site {name!r} is a scalar; fix it as {name!r}")
+        if site.leaf_shapes is not None or tuple(biject_to(site.support).inverse_shape(site.shape)) != site.shape:
+            raise ModelError(f"fixed: {key!r}: the elements of {name!r} are not separate parameters "
+                             f"(support {site.support}); fix the whole site")
+        if np.ndim(value) != 0:
+            raise ModelError(f"fixed: {key!r} takes one number, not a value of shape {np.shape(value)}")
+        elements[key] = (name, index, float(value))
+    return whole, elements
+
+
 def _check_names(kind: str, given: Mapping, population: list[str], random: list[str]) -> None:
     for name in given:
+        parsed = _element(name)
+        if parsed is not None and name not in population and parsed[0] in population:
+            if kind == "fixed":
+                continue
+            raise ModelError(f"{kind}: {name!r}: give the whole site {parsed[0]!r} (single elements can be held "
+                             "with fixed=)")
         if name in random:
             raise ModelError(f"{kind}: {name!r} is a random-effect site; {kind} takes population parameters "
                              f"{population}")
@@ -40,13 +86,16 @@ def initial_values(model, pop, sites, init: Mapping | None, fixed: Mapping | Non
 
     The default start of a sample site is the median of its prior (NumPyro's ``init_to_median``,
     101 draws with seed 0); a ``numpyro.param`` site starts at its own initial value. ``init``
-    overrides starts; ``fixed`` holds sites at given values (and wins over ``init``).
+    overrides starts; ``fixed`` holds sites at given values (and wins over ``init``). A key
+    ``"site[i]"`` of ``fixed`` holds one element of a vector site (see `split_elements`); the
+    returned names then hold that label.
     """
-    init, fixed = dict(init or {}), dict(fixed or {})
+    init = dict(init or {})
     population = [s.name for s in sites.population]
     random = [s.name for s in sites.random_effects]
     _check_names("init", init, population, random)
-    _check_names("fixed", fixed, population, random)
+    _check_names("fixed", dict(fixed or {}), population, random)
+    fixed, elements = split_elements(fixed, sites)
     seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_median(num_samples=101))
     with numpyro.validation_enabled(False):  # a NaN prediction is reported by the fit, not here
         tr = handlers.trace(seeded).get_trace(pop)
@@ -54,7 +103,23 @@ def initial_values(model, pop, sites, init: Mapping | None, fixed: Mapping | Non
     for site in sites.population:
         given = fixed.get(site.name, init.get(site.name))
         values[site.name] = tr[site.name]["value"] if given is None else _as_value(site.name, given, site.shape)
-    return values, tuple(n for n in population if n in fixed)
+    for label, (name, index, value) in elements.items():
+        if name in fixed:
+            raise ModelError(f"fixed: {label!r} and {name!r} both given")
+        flat = jnp.ravel(jnp.asarray(values[name], dtype=float)).at[index].set(value)
+        values[name] = flat.reshape(jnp.shape(values[name]))
+    return values, tuple(n for n in population if n in fixed) + tuple(elements)
+
+
+def split_values(values: Mapping, fixed_names) -> tuple[dict, dict]:
+    """``(init, fixed)`` that rebuild a problem at ``values`` with the same fixed sites and elements."""
+    init = {k: v for k, v in values.items() if k not in fixed_names}
+    fixed = {k: v for k, v in values.items() if k in fixed_names}
+    for label in fixed_names:
+        parsed = _element(label)
+        if parsed is not None and label not in values and parsed[0] in values:
+            fixed[label] = float(np.ravel(np.asarray(values[parsed[0]]))[parsed[1]])
+    return init, fixed
 
 
 def theta_labels(space) -> list[str]:
@@ -76,8 +141,6 @@ def starting_point(model, pop, sites, init: Mapping | None, fixed: Mapping | Non
     unconstrained start, ``free`` False on the elements of fixed sites. Raises `ModelError` naming
     any start value outside its site's support.
     """
-    import numpy as np
-
     from ...model import Density
 
     density = Density(model, sites)
@@ -91,6 +154,11 @@ def starting_point(model, pop, sites, init: Mapping | None, fixed: Mapping | Non
     for block in density.theta_space.blocks:
         if block.site.name in fixed_names:
             free[block.start:block.stop] = False
+    for label in fixed_names:
+        parsed = _element(label)
+        if parsed is not None and parsed[0] not in fixed_names and label not in density.theta_space.names:
+            block = next(b for b in density.theta_space.blocks if b.site.name == parsed[0])
+            free[block.start + parsed[1]] = False  # elementwise transform: element i is coordinate i
     return density, values, fixed_names, theta0, labels, free
 
 
@@ -104,6 +172,10 @@ def bayesian_inputs(name: str, uses_priors: str, sites, init: Mapping | None, fi
     population = [s.name for s in sites.population]
     random = [s.name for s in sites.random_effects]
     init, fixed = dict(init or {}), dict(fixed or {})
+    singles = [k for k in fixed if _element(k) is not None and k not in population]
+    if singles:
+        raise ModelError(f"{name}: fixing single elements {singles} is supported by the maximum-likelihood "
+                         "backends (FOCEI, SAEM, ...); here fix the whole site")
     _check_names("init", init, population, random)
     _check_names("fixed", fixed, population, random)
     params_sites = [s.name for s in sites.population if s.kind == "param" and s.name not in fixed]
