@@ -200,3 +200,44 @@ def test_fit_after_an_interrupted_compile_works(small, monkeypatch):
     fit = nlmegen.fit(model, small, **QUICK)
     assert fit.status == "converged"
     assert fit.ofv == pytest.approx(nlmegen.fit(one_cmt, small, **QUICK).ofv, abs=1e-8)
+
+
+# ------------------------------------------------------------------ stiff ODE under an explicit solver
+def _stiff_model(solver=None):
+    def rhs(t, y, p):  # a fast exchange with a peripheral compartment (rate 1e4 per h): stiff
+        fast = 1e4 * (y[1] - y[2])
+        return jnp.stack([-p["ka"] * y[0], p["ka"] * y[0] - p["cl"] / p["v"] * y[1] - fast, fast])
+
+    def model(pop):
+        tcl = numpyro.sample("tcl", dist.Normal(1.0, 1.0))
+        sd = numpyro.sample("add_sd", dist.HalfNormal(2.0))
+        with nlmegen.subjects(pop):
+            eta = numpyro.sample("eta", dist.Normal(0.0, 0.3))
+            n = pop.n_subjects
+            p = {"ka": jnp.full(n, 1.5), "cl": jnp.exp(tcl + eta), "v": jnp.full(n, 30.0)}
+            y = nlmegen.ode.solve(rhs, pop, p, y0=jnp.zeros(3), max_steps=300, solver=solver)
+            nlmegen.observe("conc", nlmegen.additive(y[..., 1] / 30.0, sd), pop)
+
+    return model
+
+
+def test_stiff_ode_reaching_max_steps_is_named(small):
+    """The diagnosis a failed fit runs (Laplace family, non-finite objective): which subjects ran out of steps."""
+    import diffrax
+
+    from nlmegen.infer.shared.checks import ode_step_limit
+    from nlmegen.model import Density, discover
+
+    pop = small.subset(small.ids[:2])
+    model = _stiff_model()
+    density = Density(model, discover(model, pop))
+    theta, eta = jnp.zeros(density.theta_space.size), jnp.zeros((2, 1))
+    note = ode_step_limit(density, theta, eta, pop)
+    assert note is not None and "Tsit5" in note and "max_steps=300" in note and "Kvaerno5" in note
+    assert f"subject(s) {list(pop.ids)}" in note
+    # no such note for a closed-form model, or for the same ODE under a stiff solver
+    easy = Density(one_cmt, discover(one_cmt, pop))
+    assert ode_step_limit(easy, jnp.zeros(easy.theta_space.size), jnp.zeros((2, 3)), pop) is None
+    stiff_solver = _stiff_model(diffrax.Kvaerno5())
+    density = Density(stiff_solver, discover(stiff_solver, pop))
+    assert ode_step_limit(density, theta, eta, pop) is None
