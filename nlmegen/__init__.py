@@ -63,6 +63,7 @@ from .infer import FitResult as FitResult  # noqa: E402
 from .infer import Laplace as Laplace  # noqa: E402
 from .infer import fit as fit  # noqa: E402
 from .infer import objective as objective  # noqa: E402
+from .infer import resume as resume  # noqa: E402
 from .io import load as load  # noqa: E402
 from .model import additive as additive  # noqa: E402
 from .model import combined as combined  # noqa: E402
@@ -79,4 +80,4 @@ __version__ = "0.1.0"
 __all__ = ["FO", "FOCE", "FOCEI", "NUTS", "SAEM", "SVI", "DataError", "FitResult", "Laplace", "ModelError",
            "Population", "additive", "combined", "datasets", "diagnostics", "examples", "fit", "gof", "load", "nn",
            "objective", "observe", "ode", "pk", "plot_individuals", "posterior_predictive", "proportional",
-           "read_nonmem", "simulate", "simulate_arrays", "subjects", "vpc"]
+           "read_nonmem", "resume", "simulate", "simulate_arrays", "subjects", "vpc"]

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from ._covariates import Covariates
+
 __all__ = ["ALL_FEATURES", "Population"]
 
 ALL_FEATURES = frozenset({"infusion", "steady_state", "reset", "censoring"})
@@ -118,7 +120,7 @@ class Population(eqx.Module):
     reset_mask: Bool[Array, "subj reset"]
     reset_index: Int[Array, "subj reset"]
 
-    covariates: dict[str, Array]
+    covariates: dict[str, Array] = eqx.field(converter=Covariates)  # a dict whose KeyError lists the names
     cov_times: Float[Array, "subj rec"]
     cov_mask: Bool[Array, "subj rec"]
     cov_values: dict[str, Array]

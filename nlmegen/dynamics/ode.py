@@ -86,6 +86,26 @@ _DEFAULT_ADJOINT = diffrax.RecursiveCheckpointAdjoint(checkpoints=64)
 # Backends whose derivatives are all forward mode (FOCE/FOCEI/Laplace) trace models inside
 # `forward_mode()`, which switches the default adjoint of every `solve` to `diffrax.ForwardMode`.
 _ADJOINT_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("nlmegen_ode_adjoint", default=None)
+# while `reporting` is active, every solve appends (status [subj], max_steps, solver name) to this list
+_REPORTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("nlmegen_ode_reports", default=None)
+
+
+@contextlib.contextmanager
+def reporting():
+    """Collect the per-subject status of every `solve` run inside the block (traced values under `jit`):
+    how a failed fit finds out that the solver ran out of steps (a stiff system under an explicit solver)."""
+    reports: list = []
+    token = _REPORTS.set(reports)
+    try:
+        yield reports
+    finally:
+        _REPORTS.reset(token)
+
+
+def _report(cfg, status):
+    reports = _REPORTS.get()
+    if reports is not None:
+        reports.append((status, cfg.max_steps, type(cfg.solver).__name__))
 
 
 @contextlib.contextmanager
@@ -232,6 +252,7 @@ def solve(
         return (states, status) if return_status else states
     if _sensitivity.active() is not None:  # forward sensitivities in the primal solve (custom JVP)
         states, status = _sensitivity.solve_with_sensitivities(cfg, pop, params, y0s, specs)
+        _report(cfg, status)
         return (states, status) if return_status else states
     doses = jax.vmap(partial(_dose_table, n_states=n_states))(_dose_arrays(pop), specs)
     yss, ss_status = _steady_states(cfg, pop, params, y0s, doses)
@@ -240,6 +261,7 @@ def solve(
     states, status = jax.vmap(partial(_subject, cfg))(params, y0s, obs, doses, resets, yss)
     status = jnp.where(ss_status != 0, ss_status, status)
     states = jnp.where((status != 0)[:, None, None], jnp.nan, states)
+    _report(cfg, status)
     return (states, status) if return_status else states
 
 

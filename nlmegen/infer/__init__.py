@@ -13,7 +13,8 @@ from .laplace.backend import FOCE as FOCE
 from .laplace.backend import FOCEI as FOCEI
 from .laplace.backend import Laplace as Laplace
 from .saem.backend import SAEM as SAEM
+from .shared.checkpoint import resume as resume
 from .shared.result import FitResult as FitResult
 
 __all__ = ["FO", "FOCE", "FOCEI", "SAEM", "SVI", "Encoding", "FitResult", "Laplace", "NUTS", "TrainedGuide", "encode",
-           "fit", "objective", "svi_guide"]
+           "fit", "objective", "resume", "svi_guide"]

@@ -15,6 +15,8 @@ from .bayes.nuts import NUTS
 from .bayes.svi import SVI
 from .laplace.backend import FO, FOCE, FOCEI, Laplace, check_population
 from .saem.backend import SAEM
+from .shared.checkpoint import meta_for, session
+from .shared.checks import check_fit
 
 __all__ = ["BACKENDS", "fit", "objective"]
 
@@ -37,7 +39,7 @@ def _backend(method: str | Any, settings: dict):
 
 
 def fit(model, pop, method: str | Any = "focei", *, init: Mapping | None = None, fixed: Mapping | None = None,
-        key=None, **settings):
+        key=None, checkpoint=None, checkpoint_every: int | None = None, **settings):
     """Fit ``model`` to the population ``pop``.
 
     Parameters
@@ -60,6 +62,11 @@ def fit(model, pop, method: str | Any = "focei", *, init: Mapping | None = None,
         ``{site: value}`` held fixed (not estimated).
     key
         PRNG key for stochastic backends (ignored by the deterministic ones).
+    checkpoint, checkpoint_every
+        A file to write the fit's state to every ``checkpoint_every`` iterations (atomically;
+        default: every BFGS iteration, SAEM chunk, SVI chunk, NUTS chunk), from which
+        `nlmegen.resume` continues an interrupted fit to the result it would have given.
+        Ctrl-C during a fit returns the state reached, with status ``"interrupted"``.
     **settings
         Backend settings when ``method`` is a name (e.g. ``covariance="R"``, ``map=True``,
         ``progress=False``).
@@ -76,7 +83,11 @@ def fit(model, pop, method: str | Any = "focei", *, init: Mapping | None = None,
     >>> round(result.ofv, 1), result.status
     (116.8, 'converged')
     """
-    return _backend(method, settings).fit(model, pop, init=init, fixed=fixed, key=key)
+    backend = _backend(method, settings)
+    if checkpoint is None and checkpoint_every is None:
+        return backend.fit(model, pop, init=init, fixed=fixed, key=key)
+    with session(checkpoint, checkpoint_every, meta_for(model, pop, backend, init, fixed, key)):
+        return backend.fit(model, pop, init=init, fixed=fixed, key=key)
 
 
 def objective(model, pop, params: Mapping, method: str = "focei", **settings) -> float:
@@ -96,6 +107,7 @@ def objective(model, pop, params: Mapping, method: str = "focei", **settings) ->
     backend = _backend(method, settings)
     check_population(pop)
     sites = discover(model, pop)
+    check_fit(sites, pop)
     missing = [s.name for s in sites.population if s.name not in params]
     if missing:
         raise ModelError(f"objective: no value for population parameter(s) {missing}")

@@ -17,6 +17,7 @@ __all__ = ["Censored", "additive", "combined", "observe", "proportional"]
 
 OBSERVE_TAG = "nlmegen_observe"
 OUTPUT_TAG = "nlmegen_output"  # index of the output a site describes (None: every output)
+SUPPORT_TAG = "nlmegen_support"  # support of the user's distribution (where a DV must lie), before censoring
 
 
 class Censored(dist.Distribution):
@@ -106,9 +107,7 @@ def observe(name: str, distribution: dist.Distribution, pop, *, output: str | in
         except KeyError as err:
             raise ModelError(f"observe({name!r}): {err.args[0]}") from None
     shape = tuple(pop.dv.shape)
-    if tuple(jnp.broadcast_shapes(distribution.batch_shape, shape)) != shape:
-        raise ModelError(f"observe({name!r}): the distribution's batch shape {distribution.batch_shape} does not "
-                         f"broadcast to the observations' shape {shape} [subj, obs]")
+    _check_batch_shape(name, tuple(distribution.batch_shape), shape)
     if distribution.event_shape:
         raise ModelError(f"observe({name!r}): give a distribution with one value per observation "
                          f"(event shape (), not {distribution.event_shape})")
@@ -116,7 +115,32 @@ def observe(name: str, distribution: dist.Distribution, pop, *, output: str | in
     fn = Censored(base, pop.cens, pop.limit) if _has_censoring(pop) else base
     site_fn = fn.mask(mask).to_event(1)
     index = None if output is None else pop.output_index(output)
-    return numpyro.sample(name, site_fn, obs=pop.dv, infer={OBSERVE_TAG: True, OUTPUT_TAG: index})
+    return numpyro.sample(name, site_fn, obs=pop.dv,
+                          infer={OBSERVE_TAG: True, OUTPUT_TAG: index, SUPPORT_TAG: distribution.support})
+
+
+def _check_batch_shape(name: str, batch: tuple, shape: tuple) -> None:
+    """The predictions must cover ``[subj, obs]``: name the site and both shapes when they do not.
+
+    A batch shape without the subject axis (``[obs]`` or ``[1, obs]``: one subject's curve, e.g. a
+    prediction indexed ``[0]``) broadcasts to every subject without complaint and fits subject 0's
+    curve to everyone, so it is refused as well. A scalar (one distribution for every record) is
+    allowed.
+    """
+    try:
+        fits = tuple(jnp.broadcast_shapes(batch, shape)) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ModelError(f"observe({name!r}): the predictions have shape {batch}, which does not match the "
+                         f"observations' shape {shape} [subj, obs]; give one prediction per subject and "
+                         "observation time (e.g. from nlmegen.pk or nlmegen.ode.solve on this population)")
+    n_subj, n_obs = shape
+    no_subject_axis = len(batch) == 1 or (len(batch) == 2 and batch[0] == 1)
+    if n_subj > 1 and n_obs > 1 and no_subject_axis and batch[-1] == n_obs:
+        raise ModelError(f"observe({name!r}): the predictions have shape {batch}, without the subject axis of the "
+                         f"observations' shape {shape} [subj, obs]: every subject would be given the same curve "
+                         "(was one subject's prediction selected, e.g. with [0]?)")
 
 
 def _has_censoring(pop) -> bool:

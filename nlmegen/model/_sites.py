@@ -17,7 +17,8 @@ from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_sample
 
 from .._errors import ModelError
-from ._observe import OBSERVE_TAG, OUTPUT_TAG
+from ..data._covariates import reading, time_varying_hint
+from ._observe import OBSERVE_TAG, OUTPUT_TAG, SUPPORT_TAG
 from ._plate import SUBJECT_PLATE
 
 __all__ = ["POPULATION_TAG", "Site", "Sites", "discover"]
@@ -45,6 +46,7 @@ class Site:
     tree: Any = None  # pytree structure of a param site whose value is a pytree (e.g. NN weights)
     leaf_shapes: tuple | None = None  # shapes of that pytree's leaves
     output: int | None = None  # observed sites from nlmegen.observe: index of the output (None: all)
+    value_support: Any = None  # observed sites from nlmegen.observe: where each DV must lie (uncensored)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ def _static_view(trace: dict) -> dict:
             "output": (site.get("infer") or {}).get(OUTPUT_TAG),
             "masked": site.get("mask") is not None or _masked_fn(site.get("fn")),
             "population_tag": bool((site.get("infer") or {}).get(POPULATION_TAG)),
+            "value_support": (site.get("infer") or {}).get(SUPPORT_TAG),
         }
         if site["type"] == "sample":
             fn = site["fn"]
@@ -138,7 +141,15 @@ def discover(model, pop, *args, **kwargs) -> Sites:
     >>> [s.name for s in sites.random_effects], sites.n_eta
     (['eta'], 3)
     """
-    view = _abstract_trace(model, (pop, *args), kwargs)
+    with reading() as covariates_read:
+        try:
+            view = _abstract_trace(model, (pop, *args), kwargs)
+        except (ValueError, TypeError) as err:  # name a time-varying covariate behind a shape error
+            hint = None if isinstance(err, ModelError) else time_varying_hint(
+                err, covariates_read, getattr(pop, "covariates", {}))
+            if hint is None:
+                raise
+            raise ModelError(hint) from err
     population, random_effects, observed, deterministic = [], [], [], []
     n_subj = pop.n_subjects
     for name, site in view.items():
@@ -160,7 +171,7 @@ def discover(model, pop, *args, **kwargs) -> Sites:
                                  "inside `with nlmegen.subjects(pop):` (nlmegen.observe)")
             _check_raw_observation(name, site, pop)
             observed.append(Site(name, site["shape"][1:] if site["shape"] else (), site["support"],
-                                 output=site["output"]))
+                                 output=site["output"], value_support=site["value_support"]))
             continue
         if site["support"].is_discrete:
             raise ModelError(f"latent site {name!r} is discrete; nlmegen needs continuous parameters and random "

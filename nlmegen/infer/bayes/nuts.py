@@ -32,8 +32,11 @@ from numpyro.infer.reparam import LocScaleReparam
 
 from ...model import discover
 from ..laplace.backend import check_population
+from ..shared import checkpoint
+from ..shared.checks import check_fit
 from ..shared.result import FitResult
 from ..shared.start import bayesian_inputs
+from . import nuts_loop
 
 __all__ = ["NUTS"]
 
@@ -108,6 +111,7 @@ class NUTS:
             raise ValueError("NUTS needs key=jax.random.key(...)")
         check_population(pop)
         sites = discover(model, pop)
+        check_fit(sites, pop)
         random = [s.name for s in sites.random_effects]
         init, fixed = bayesian_inputs("NUTS", "samples sites with priors", sites, init, fixed)
 
@@ -124,22 +128,28 @@ class NUTS:
         kernel = _NumPyroNUTS(sampled, target_accept_prob=self.target_accept_prob,
                               max_tree_depth=self.max_tree_depth, init_strategy=strategy)
         chain_method = self.resolved_chain_method()
-        mcmc = MCMC(kernel, num_warmup=self.num_warmup, num_samples=self.num_samples, num_chains=self.num_chains,
-                    chain_method=chain_method, progress_bar=self.progress)
-        extra = tuple(_EXTRA_FIELDS)
-        # warm-up and sampling in one run: one compiled program (MCMC.warmup followed by MCMC.run
-        # compiles the sampler twice, ~4 s on theo_sd; then NUTS took 1.8x the hand-written model)
+        stopped, compile_s = None, float("nan")
         start = time.perf_counter()
-        mcmc.run(key, pop, extra_fields=extra)
-        samples = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
-        stats = {_EXTRA_FIELDS[k]: np.asarray(v) for k, v in mcmc.get_extra_fields(group_by_chain=True).items()}
+        if chain_method == "vectorized" or self.num_chains == 1:
+            # short compiled calls: Ctrl-C within about a second, checkpoints between calls (nuts_loop)
+            run = nuts_loop.sample(kernel, key, pop, num_warmup=self.num_warmup, num_samples=self.num_samples,
+                                   num_chains=self.num_chains, extra=_EXTRA_FIELDS, progress=self.progress)
+            samples, stopped, compile_s = run.samples, run.interrupted, run.compile_s
+            stats = {_EXTRA_FIELDS[k]: v for k, v in run.stats.items() if k in _EXTRA_FIELDS}
+        else:  # chains on several devices: NumPyro's MCMC, one program (not interruptible)
+            mcmc = MCMC(kernel, num_warmup=self.num_warmup, num_samples=self.num_samples,
+                        num_chains=self.num_chains, chain_method=chain_method, progress_bar=self.progress)
+            mcmc.run(key, pop, extra_fields=tuple(_EXTRA_FIELDS))
+            samples = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
+            stats = {_EXTRA_FIELDS[k]: np.asarray(v) for k, v in mcmc.get_extra_fields(group_by_chain=True).items()}
         run_s = time.perf_counter() - start
         if "lp" in stats:
             stats["lp"] = -stats["lp"]  # potential energy is -log density (unconstrained, up to a constant)
         if "n_steps" in stats:  # a tree of depth d takes up to 2**d - 1 leapfrog steps (ArviZ's from_numpyro)
             stats["tree_depth"] = np.floor(np.log2(np.maximum(stats["n_steps"], 1))).astype(np.int64) + 1
-        timings = {"compile_s": float("nan"), "warmup_s": float("nan"), "sample_s": float("nan"), "run_s": run_s}
-        return _result(self, model, pop, sites, samples, stats, fixed, reparam_sites, chain_method, timings)
+        timings = {"compile_s": compile_s, "warmup_s": float("nan"), "sample_s": float("nan"), "run_s": run_s}
+        result = _result(self, model, pop, sites, samples, stats, fixed, reparam_sites, chain_method, timings)
+        return result if stopped is None else checkpoint.mark_interrupted(result, stopped)
 
 
 # --------------------------------------------------------------------------------------------

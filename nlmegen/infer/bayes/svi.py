@@ -46,6 +46,8 @@ from numpyro.optim import optax_to_numpyro
 from ..._errors import ModelError
 from ...model import discover
 from ..laplace.backend import check_population
+from ..shared import checkpoint
+from ..shared.checks import check_fit
 from ..shared.draws import summarise_draws
 from ..shared.result import FitResult
 from ..shared.start import bayesian_inputs
@@ -230,6 +232,7 @@ class SVI:
         check_population(pop)
         kind = _guide_name(self.guide)
         sites = discover(model, pop)
+        check_fit(sites, pop)
         random = [s.name for s in sites.random_effects]
         init, fixed = bayesian_inputs("SVI", "fits a guide to sites with priors", sites, init, fixed)
         target, reparam_sites = self._target(model, pop, sites, fixed, random, kind)
@@ -237,7 +240,7 @@ class SVI:
         guide = self._make_guide(target, pop, sites, init, random, k_guide)
         svi = _NumPyroSVI(target, guide, optax_to_numpyro(self.optimizer()),
                           Trace_ELBO(num_particles=self.num_particles))
-        state, losses, compile_s, run_s = self._optimise(svi, pop, k_init, k_run)
+        state, losses, compile_s, run_s, stopped = self._optimise(svi, pop, k_init, k_run)
         params = svi.get_params(state)
         trained = TrainedGuide(kind=kind, guide=guide, params=params, model=target, sites=sites,
                                free=tuple(s.name for s in sites.population if s.name not in fixed))
@@ -245,6 +248,8 @@ class SVI:
         samples, log_w = trained.sample(k_draw, pop, self.num_draws)
         timings = {"compile_s": compile_s, "run_s": run_s, "draws_s": time.perf_counter() - start}
         result = _result(self, model, pop, sites, samples, log_w, losses, fixed, reparam_sites, kind, timings)
+        if stopped:  # Ctrl-C: the guide as it was after the last completed chunk of steps
+            result = checkpoint.mark_interrupted(result, f"after {losses.size} of {self.num_steps} SVI steps")
         _remember(result, trained)
         return result
 
@@ -280,7 +285,11 @@ class SVI:
         compile_s = time.perf_counter() - start
         losses = np.full(int(self.num_steps), np.nan)
         bar = _progress(self.progress, int(self.num_steps))
-        start, done = time.perf_counter(), 0
+        start, done, stopped = time.perf_counter(), 0, False
+        saved = checkpoint.restored("svi")
+        if saved is not None:  # resume: the state, losses and step count of the checkpoint
+            state, done = saved["state"], int(saved["done"])
+            losses[:done] = saved["losses"][:done]
         try:
             while done < self.num_steps:
                 n = min(chunk, int(self.num_steps) - done)
@@ -296,14 +305,19 @@ class SVI:
                         "the data")
                 losses[done:done + n] = buf
                 state, done = new_state, done + n
+                snapshot = {"state": state, "losses": losses[:done], "done": done}
+                checkpoint.save("svi", n, chunk, lambda: snapshot)  # noqa: B023
                 if bar is not None:
                     bar.update(n)
                     bar.set_postfix_str(f"ELBO {-np.mean(buf[-max(1, n // 10):]):.4g}")
+        except KeyboardInterrupt:  # keep the state of the last completed chunk (see `fit`)
+            stopped = True
+            losses = losses[:done]
         finally:
             if bar is not None:
                 bar.close()
         jax.block_until_ready(state)
-        return state, losses, compile_s, time.perf_counter() - start
+        return state, losses, compile_s, time.perf_counter() - start, stopped
 
 
 def _progress(show: bool, total: int):

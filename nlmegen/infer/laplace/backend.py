@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 from ..._errors import DataError, ModelError
 from ...dynamics._sensitivity import SensitivityUnsupported, recording
 from ...model import Density, discover
-from ..shared.covariance import covariance_step
+from ..shared import checkpoint
+from ..shared.checks import check_fit, ode_step_limit
+from ..shared.covariance import covariance_step, unidentified
 from ..shared.joint import distribution_parameters, joint_mode, joint_steps
 from ..shared.start import starting_point
-from .bfgs import bfgs, bhhh_inverse
+from .bfgs import BFGSState, bfgs, bhhh_inverse
 from .objective import LOG_2PI, Objective
 from .reverse import reverse_value_and_grad
 
@@ -162,11 +164,14 @@ class _Problem:
         self.free_labels = [lab for lab, f in zip(labels, free, strict=True) if f]
         self.nonfinite: tuple[list, list] | None = None
         self.joint: dict | None = None  # the joint-mode warm start's record (steps, seconds, value)
+        self.interrupted = False
+        self.last_x: np.ndarray | None = None
 
     @classmethod
     def build(cls, backend, model, pop, init, fixed):
         check_population(pop)
         sites = discover(model, pop)
+        check_fit(sites, pop)
         density, _, fixed_names, theta0, labels, free = starting_point(model, pop, sites, init, fixed)
         return cls(backend, model, pop, density, theta0, free, labels, fixed_names)
 
@@ -270,32 +275,54 @@ class _Problem:
                 bar.write(f"{self.backend.method} iter {it:4d}  OFV {record['ofv']:.6f}  "
                           f"max|grad| {record['grad_norm']:.3g}")
 
+        def on_state(state):  # checkpoint (see `nlmegen.resume`); the last state is what Ctrl-C returns
+            last["state"] = state
+            checkpoint.save(self.backend.method, 1, 1, lambda: {
+                "bfgs": vars(state), "accepted": dict(accepted), "history": self.history, "n_eval": count["n"],
+                "warnings": self.warnings, "nonfinite": self.nonfinite})
+
         bar = tqdm(desc=f"{self.backend.method} fit", unit="it", disable=not self.backend.progress, leave=False)
-        if x0.size and joint_steps(self.backend.joint_steps, self.density, self.free):
-            x0 = self.joint_start(x0, bar)
-        if x0.size and self.backend.adam_steps:
-            x0 = self.adam(fun, x0, callback)
-        first = fun(x0)
-        remember(x0)
-        if x0.size:
-            # BHHH needs more subjects than parameters (network weights): otherwise a scaled identity
-            bhhh = x0.size < self.pop.n_subjects
-            h0 = bhhh_inverse(np.asarray(self.subject_gradients)) if bhhh else identity_start(first[1])
-            res = bfgs(fun, x0, first, h0, gtol=self.backend.gtol, ftol=self.backend.ftol,
-                       maxiter=self.backend.maxiter, callback=callback, rescale_first=not bhhh,
-                       line_search="armijo" if bhhh else "wolfe")
-            restart = self.boundary_restart(fun, res, x0) if res.success else None
-            if restart is not None:  # a variance left at its spurious stationary point near 0: go on from there
-                x1, first1, note = restart
-                res = bfgs(fun, x1, first1, identity_start(first1[1]), gtol=self.backend.gtol,
-                           ftol=self.backend.ftol, maxiter=self.backend.maxiter, callback=callback,
-                           rescale_first=True, line_search="wolfe")
-                res.message = f"{res.message} ({note})"
-            x_hat, message, success = res.x, res.message, res.success
-            ofv, grad, (ebe, self.eta) = res.fun, res.jac, res.aux  # the EBEs at x_hat (warm start, result)
-        else:
-            x_hat, message, success = x0, "no free parameters: objective evaluated", True
-            ofv, grad, (ebe, _) = first
+        saved, last, first = checkpoint.restored(self.backend.method), {}, None
+        if saved is not None:  # resume: the BFGS loop's state and the EBE warm start of the checkpoint
+            accepted.update(saved["accepted"])
+            self.history, count["n"] = list(saved["history"]), int(saved["n_eval"])
+            self.warnings, self.nonfinite = list(saved["warnings"]), saved["nonfinite"]
+            last["state"] = BFGSState(**saved["bfgs"])
+        try:
+            if saved is None and x0.size and joint_steps(self.backend.joint_steps, self.density, self.free):
+                x0 = self.joint_start(x0, bar)
+            if saved is None and x0.size and self.backend.adam_steps:
+                x0 = self.adam(fun, x0, callback)
+            if saved is None:
+                first = fun(x0)
+                remember(x0)
+            if x0.size:
+                # BHHH needs more subjects than parameters (network weights): otherwise a scaled identity
+                bhhh = x0.size < self.pop.n_subjects
+                h0 = (None if first is None else bhhh_inverse(np.asarray(self.subject_gradients)) if bhhh
+                      else identity_start(first[1]))
+                res = bfgs(fun, x0, first, h0, gtol=self.backend.gtol, ftol=self.backend.ftol,
+                           maxiter=self.backend.maxiter, callback=callback, rescale_first=not bhhh,
+                           line_search="armijo" if bhhh else "wolfe", on_state=on_state, resume=last.get("state"))
+                restart = self.boundary_restart(fun, res, self.theta0[self.free]) if res.success else None
+                if restart is not None:  # a variance left at its spurious stationary point near 0: go on
+                    x1, first1, note = restart
+                    res = bfgs(fun, x1, first1, identity_start(first1[1]), gtol=self.backend.gtol,
+                               ftol=self.backend.ftol, maxiter=self.backend.maxiter, callback=callback,
+                               rescale_first=True, line_search="wolfe", on_state=on_state)
+                    res.message = f"{res.message} ({note})"
+                x_hat, message, success = res.x, res.message, res.success
+                ofv, grad, (ebe, self.eta) = res.fun, res.jac, res.aux  # the EBEs at x_hat (warm start, result)
+            else:
+                x_hat, message, success = x0, "no free parameters: objective evaluated", True
+                ofv, grad, (ebe, _) = first
+        except KeyboardInterrupt:  # Ctrl-C: the last accepted iterate (or the start) with its EBEs
+            if "state" not in last and first is None:
+                raise
+            state = last.get("state") or BFGSState(np.asarray(x0, float), first[0], first[1], first[2], None, 0, False)
+            x_hat, ofv, grad, (ebe, self.eta) = state.x, state.f, state.g, state.aux
+            message, success = f"after {state.it} BFGS iteration(s)", False
+            self.interrupted = True
         bar.close()
         run_s = time.perf_counter() - start
         return self.finish(x_hat, ofv, grad, ebe, message, success, compile_s, run_s, count["n"])
@@ -379,10 +406,14 @@ class _Problem:
             subjects, params = self.nonfinite or ([], [])
             from ..shared.diagnose import explain_nonfinite
 
-            last = getattr(self, "last_x", self.theta0[self.free])
+            last = self.last_x if self.last_x is not None else self.theta0[self.free]
             cause = explain_nonfinite(self.density, self.full(last), self.eta, self.pop)
+            stiff = ode_step_limit(self.density, self.full(last), self.eta, self.pop)
+            if stiff:
+                self.warnings.append(stiff)
             return "failed", ((f"{cause}; " if cause else "") + f"objective is not finite at the final estimate: "
-                              f"subject(s) {subjects[:10]}, non-finite gradient for {params}; {message}")
+                              f"subject(s) {subjects[:10]}, non-finite gradient for {params}"
+                              f"{'; ' + stiff if stiff else ''}; {message}")
         if self.nonfinite is not None:
             subjects, params = self.nonfinite
             self.warnings.append(f"the objective was not finite at some trial parameters (subject(s) "
@@ -397,9 +428,13 @@ class _Problem:
         from .finish import build_result
 
         status, message = self.status(ofv, grad, ebe, message, success)
+        if self.interrupted:  # no identifiability check or covariance step: the user asked to stop
+            status, message = "interrupted", checkpoint.interrupted_note(message)
+        elif status != "failed" and x_hat.size:
+            message = self.identifiability(x_hat, message)
         start = time.perf_counter()
         cov = covariance_step(lambda x: self.evaluate(x)[1], self.subject_grads, x_hat, self.free_labels,
-                              self.backend.covariance if status != "failed" else "none")
+                              self.backend.covariance if status not in ("failed", "interrupted") else "none")
         self.warnings.extend(cov.warnings)
         covariance_s = time.perf_counter() - start
         if not np.array_equal(self.last_x, x_hat):  # the covariance step moved the EBEs: back to the estimate
@@ -409,6 +444,17 @@ class _Problem:
                              "n_evaluations": float(n_eval),
                              **({"joint_s": self.joint["seconds"], "joint_steps": float(self.joint["steps"])}
                                 if self.joint else {})})
+
+    def identifiability(self, x_hat: np.ndarray, message: str) -> str:
+        """Name parameters the data cannot tell apart (whatever the covariance setting) in the message
+        and the warnings; the estimates are kept."""
+        names = unidentified(self.subject_grads(x_hat), self.free_labels)
+        if not names:
+            return message
+        note = (f"parameters {names} are not identifiable: no subject's objective changes along a combination of "
+                "them (they enter the model only together, or not at all); fix some of them or reparameterise")
+        self.warnings.append(note)
+        return f"{message}; {note}"
 
     def subject_grads(self, x: np.ndarray) -> np.ndarray:
         """Each subject's OFV gradient at ``x``, at the EBEs there (the covariance step moves them)."""

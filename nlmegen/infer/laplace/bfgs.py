@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BFGSResult", "bfgs", "bhhh_inverse"]
+__all__ = ["BFGSResult", "BFGSState", "bfgs", "bhhh_inverse"]
 
 
 @dataclass
@@ -36,6 +36,19 @@ class BFGSResult:
     message: str
     nit: int
     aux: object = None  # whatever `fun` returned beside value and gradient at ``x``
+
+
+@dataclass
+class BFGSState:
+    """What the loop carries after ``it`` completed iterations: enough to continue it exactly."""
+
+    x: np.ndarray
+    f: float
+    g: np.ndarray
+    aux: object
+    h: np.ndarray
+    it: int
+    reset: bool
 
 
 def bhhh_inverse(subject_grads: np.ndarray) -> np.ndarray:
@@ -73,6 +86,8 @@ def bfgs(
     callback: Callable[[int, np.ndarray, float, np.ndarray], None] | None = None,
     rescale_first: bool = False,
     line_search: str = "armijo",
+    on_state: Callable[[BFGSState], None] | None = None,
+    resume: BFGSState | None = None,
 ) -> BFGSResult:
     """Minimise ``fun`` (value, gradient, aux) from ``x0``, whose evaluation ``first`` is given.
 
@@ -85,15 +100,21 @@ def bfgs(
     With ``rescale_first`` the start ``hess_inv0`` only sets the first step; the inverse Hessian is then
     replaced by ``(s'y / y'y) I`` before the first update (for starts that carry no curvature
     information, e.g. an identity).
+    ``on_state`` is called with the `BFGSState` after every iteration; ``resume`` (such a state)
+    continues from it (``x0``, ``first`` and ``hess_inv0`` are then not used) exactly as the
+    uninterrupted loop would have.
     """
-    x = np.asarray(x0, dtype=float).copy()
-    f, g, aux = first
-    if not np.isfinite(f) or not np.all(np.isfinite(g)):
-        return BFGSResult(x, f, g, hess_inv0, False, "objective or gradient not finite at the start", 0, aux)
-    h = hess_inv0.copy()
+    if resume is not None:
+        x, f, g, aux, h, reset, done = resume.x.copy(), resume.f, resume.g, resume.aux, resume.h.copy(), \
+            resume.reset, resume.it
+    else:
+        x = np.asarray(x0, dtype=float).copy()
+        f, g, aux = first
+        if not np.isfinite(f) or not np.all(np.isfinite(g)):
+            return BFGSResult(x, f, g, hess_inv0, False, "objective or gradient not finite at the start", 0, aux)
+        h, reset, done = hess_inv0.copy(), False, 0
     eye = np.eye(x.size)
-    reset = False
-    for it in range(1, maxiter + 1):
+    for it in range(done + 1, maxiter + 1):
         direction = -h @ g
         slope = float(g @ direction)
         if slope >= 0.0:  # H lost positive definiteness numerically: restart from steepest descent
@@ -133,6 +154,8 @@ def bfgs(
         x, f, g, aux = x_new, f_new, g_new, aux_new
         if callback is not None:
             callback(it, x, f, g)
+        if on_state is not None:
+            on_state(BFGSState(x, f, g, aux, h, it, reset))
     decrease = 0.5 * float(g @ h @ g)
     return BFGSResult(x, f, g, h, False, f"maximum number of iterations ({maxiter}) reached; predicted further "
                       f"OFV decrease {decrease:.2g}", maxiter, aux)

@@ -71,6 +71,8 @@ from ..._errors import ModelError
 from ...dynamics.ode import forward_mode
 from ...model import discover
 from ..laplace.backend import check_population
+from ..shared import checkpoint
+from ..shared.checks import check_fit
 from ..shared.joint import joint_mode, joint_steps
 from ..shared.result import _positive_valued
 from ..shared.start import starting_point, theta_labels
@@ -271,6 +273,7 @@ class _SAEMProblem:
     def build(cls, backend, model, pop, init, fixed):
         check_population(pop)
         sites = discover(model, pop)
+        check_fit(sites, pop)
         if sites.n_eta == 0:
             raise ModelError("SAEM needs random effects (sample sites inside the subject plate); this model has "
                              "none: use method='focei'")
@@ -579,23 +582,37 @@ class _SAEMProblem:
         sched = self.schedule()
         compiled, compile_s = self.compiled_chunk(carry, jnp.asarray(sched[0]))
         start = time.perf_counter()
-        records = []
+        records, first, stopped = [], 0, None
+        saved = checkpoint.restored("saem")
+        if saved is not None:  # resume: the carry (chains, statistics, key) and records of the checkpoint
+            carry = jax.tree_util.tree_map(lambda like, x: jnp.asarray(x, like.dtype) if isinstance(
+                x, np.ndarray) else x, carry, saved["carry"])
+            records, first = list(saved["records"]), int(saved["next"])
         n_iter = b.n_explore + b.n_smooth
-        with tqdm(total=sched.shape[0] * b.chunk, desc="saem", unit="it", disable=not b.progress,
-                  leave=False) as bar:
-            for s in sched:
-                carry, rec = compiled(carry, jnp.asarray(s), self.pop)
-                records.append(jax.tree_util.tree_map(np.asarray, rec))
-                bar.update(b.chunk)
-                th = np.asarray(carry["theta"])
-                bar.set_postfix({lab: f"{th[i]:.3g}" for lab, i in
-                                 list(zip(self.labels, range(th.size), strict=True))[:4]})
+        with tqdm(total=sched.shape[0] * b.chunk, initial=first * b.chunk, desc="saem", unit="it",
+                  disable=not b.progress, leave=False) as bar:
+            try:
+                for i in range(first, sched.shape[0]):
+                    carry, rec = compiled(carry, jnp.asarray(sched[i]), self.pop)
+                    records.append(jax.tree_util.tree_map(np.asarray, rec))
+                    checkpoint.save("saem", b.chunk, b.chunk,
+                                    lambda: {"carry": carry, "records": records, "next": i + 1})  # noqa: B023
+                    bar.update(b.chunk)
+                    th = np.asarray(carry["theta"])
+                    bar.set_postfix({lab: f"{th[i]:.3g}" for lab, i in
+                                     list(zip(self.labels, range(th.size), strict=True))[:4]})
+            except KeyboardInterrupt:  # the carry of the last completed chunk (see `finish`)
+                done = len(records) * b.chunk
+                stopped = f"after {min(done, n_iter)} of {n_iter} SAEM iterations" + (
+                    f" and {done - n_iter} of {b.n_conditional} conditional ones" if done > n_iter else "")
         carry = jax.block_until_ready(carry)
         run_s = time.perf_counter() - start
+        if not records:
+            raise KeyboardInterrupt  # nothing done yet: nothing to return
         recs = {k: np.concatenate([r[k] for r in records])[:n_iter] for k in records[0]}
         cond_accept = np.concatenate([r["accept"] for r in records])[n_iter:n_iter + b.n_conditional]
         return {"carry": carry, "records": recs, "cond_accept": cond_accept, "compile_s": compile_s,
-                "run_s": run_s}
+                "run_s": run_s, "interrupted": stopped}
 
 
 def _adam(lr: float):

@@ -16,6 +16,7 @@ from jax.scipy.special import gammaln
 
 from ..._errors import ModelError
 from ..laplace.objective import LOG_2PI
+from ..shared.checkpoint import interrupted_note
 from ..shared.result import FitResult, element_labels
 
 __all__ = ["finish", "importance_loglik"]
@@ -78,8 +79,13 @@ def _is_run(density, batch, df, keys, theta, mean, chol, pop):
 
 def _conditional_moments(carry) -> tuple[np.ndarray, np.ndarray]:
     count = float(carry["count"])
-    mean = np.asarray(carry["sum1"]) / count
-    cov = np.asarray(carry["sum2"]) / count - np.einsum("si,sj->sij", mean, mean)
+    if count == 0:  # interrupted before the conditional run: the moments of the chains' current states
+        eta = np.asarray(carry["estate"].eta)  # [chain, subj, d]
+        mean = eta.mean(axis=0)
+        cov = np.einsum("csi,csj->sij", eta - mean, eta - mean) / eta.shape[0]
+    else:
+        mean = np.asarray(carry["sum1"]) / count
+        cov = np.asarray(carry["sum2"]) / count - np.einsum("si,sj->sij", mean, mean)
     cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
     fixed = []
     for i, c in enumerate(cov):  # a subject whose chain never moved: fall back to a small variance
@@ -131,6 +137,23 @@ def _status(problem, recs, theta) -> tuple[str, str, dict]:
                          f"{info['max_drift']:.2g} <= {b.conv_tol})"), info
 
 
+def _nonfinite_subjects(problem, carry, status: str, message: str) -> tuple[str, str]:
+    """Fail, naming them, when some subjects' log density is not finite at every chain state.
+
+    Their chains never move (every proposal is rejected), so they add nothing but noise to the
+    sufficient statistics and the estimates are distorted; FOCEI fails on the same data, naming
+    the same subjects. The chains' log densities come from the last E-step (no new evaluation).
+    """
+    logp = np.asarray(carry["estate"].logp)  # [chain, subj], -inf where the log density was NaN
+    stuck = np.flatnonzero(~np.isfinite(logp).any(axis=0))
+    if not stuck.size:
+        return status, message
+    ids = [problem.pop.ids[i] for i in stuck]
+    return "failed", (f"the log density is not finite for subject(s) {ids[:10]} at every chain state (NaN or "
+                      "infinite predictions or log-likelihood for these subjects: check their data and covariates, "
+                      f"and the model at their values); {message}")
+
+
 def _focei(problem, theta, eta_mean):
     """FOCEI (or Laplace, for non-Gaussian residuals) OFV and covariance step at the SAEM estimate."""
     from ..laplace.backend import FOCEI, Laplace, _Problem
@@ -174,7 +197,11 @@ def finish(problem, run) -> FitResult:
     carry, recs = run["carry"], run["records"]
     theta = np.asarray(carry["theta"])
     eta_mean, eta_cov = _conditional_moments(carry)
-    status, message, conv = _status(problem, recs, theta)
+    if run.get("interrupted"):  # Ctrl-C: the estimate reached; no log-likelihood or standard errors
+        status, message, conv = "interrupted", interrupted_note(run["interrupted"]), {"max_drift": math.nan}
+    else:
+        status, message, conv = _status(problem, recs, theta)
+    status, message = _nonfinite_subjects(problem, carry, status, message)
     warnings = list(problem.warnings)
     n_obs = int((np.asarray(pop.mask) & (np.asarray(pop.cens) == 0)).sum())
     timings = {"setup_s": run.get("setup_s", 0.0), "compile_s": run["compile_s"], "run_s": run["run_s"]}
@@ -182,7 +209,7 @@ def finish(problem, run) -> FitResult:
         timings.update(joint_s=problem.joint["seconds"], joint_steps=float(problem.joint["steps"]))
 
     m2ll, m2ll_se = math.nan, math.nan
-    if b.is_draws and status != "failed":
+    if b.is_draws and status not in ("failed", "interrupted"):
         start = time.perf_counter()
         key = jax.random.fold_in(carry["key"], 1)
         m2ll, m2ll_se, _ = importance_loglik(density, pop, jnp.asarray(theta), jnp.asarray(eta_mean),
@@ -197,7 +224,7 @@ def finish(problem, run) -> FitResult:
                                      f"not finite at the estimate; {message}")
 
     focei = None
-    if b.focei and status != "failed":
+    if b.focei and status not in ("failed", "interrupted"):
         start = time.perf_counter()
         try:
             focei = _focei(problem, theta, eta_mean)

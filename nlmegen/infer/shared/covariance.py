@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["CovarianceStep", "covariance_step", "delta_method"]
+__all__ = ["CovarianceStep", "covariance_step", "delta_method", "unidentified"]
 
 KINDS = ("sandwich", "R", "S", "none")
 
@@ -44,8 +44,33 @@ def central_hessian(grad: Callable[[np.ndarray], np.ndarray], x: np.ndarray, ste
 
 def _weakest(matrix: np.ndarray, names: list[str]) -> str:
     vals, vecs = np.linalg.eigh(matrix)
-    k = int(np.argmax(np.abs(vecs[:, 0])))
-    return f"{names[k]} (smallest eigenvalue {vals[0]:.3g})"
+    return f"{_involved(vecs[:, 0], names)} (smallest eigenvalue {vals[0]:.3g})"
+
+
+def _involved(direction: np.ndarray, names: list[str]) -> str:
+    """The parameters that make up a direction (weight at least a third of the largest)."""
+    weight = np.abs(direction)
+    picked = [names[k] for k in np.flatnonzero(weight >= weight.max() / 3)]
+    return picked[0] if len(picked) == 1 else f"{picked} together"
+
+
+def unidentified(subject_grads: np.ndarray, names: list[str], rtol: float = 1e-9) -> list[str] | None:
+    """Parameters the data cannot tell apart, from the per-subject OFV gradients ``[subj, p]``.
+
+    Along a direction the likelihood does not depend on (two parameters entering only through
+    their sum, a parameter the model never uses) every subject's gradient is zero, so the outer
+    product ``S = G'G`` is singular. Returns the parameters of its weakest direction when its
+    eigenvalue is below ``rtol`` times the largest, else None; None also when there are not more
+    subjects than parameters (S is then singular anyway) or the gradients are not finite.
+    """
+    g = np.asarray(subject_grads, dtype=float)
+    if g.ndim != 2 or g.shape[1] == 0 or g.shape[0] <= g.shape[1] or not np.all(np.isfinite(g)):
+        return None
+    vals, vecs = np.linalg.eigh(g.T @ g)
+    if vals[-1] <= 0 or vals[0] > rtol * vals[-1]:
+        return None
+    weight = np.abs(vecs[:, 0])
+    return [names[k] for k in np.flatnonzero(weight >= weight.max() / 3)]
 
 
 def _inverse(matrix: np.ndarray) -> np.ndarray | None:

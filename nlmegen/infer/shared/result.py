@@ -21,7 +21,7 @@ import pandas as pd
 
 __all__ = ["FitResult", "element_labels", "label_site", "STATUSES"]
 
-STATUSES = ("converged", "not_converged", "failed")
+STATUSES = ("converged", "not_converged", "failed", "interrupted")  # interrupted: Ctrl-C, state so far
 Z95 = 1.959963984540054  # standard normal 97.5% quantile
 
 
@@ -96,7 +96,8 @@ class FitResult:
     n_obs, n_params, n_subjects : int
         Observations, estimated (free) population parameters, subjects.
     status : str
-        One of ``"converged"``, ``"not_converged"``, ``"failed"``.
+        One of ``"converged"``, ``"not_converged"``, ``"failed"``, ``"interrupted"`` (Ctrl-C during
+        the fit: the estimates are the state reached, see `nlmegen.resume`).
     message : str
         The optimiser's / sampler's message.
     ebes : pandas.DataFrame

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.infer.initialization import init_to_median
 
@@ -100,6 +101,12 @@ def initial_values(model, pop, sites, init: Mapping | None, fixed: Mapping | Non
     with numpyro.validation_enabled(False):  # a NaN prediction is reported by the fit, not here
         tr = handlers.trace(seeded).get_trace(pop)
     values = {}
+    improper = [s.name for s in sites.population if s.kind == "sample" and s.name not in fixed and
+                s.name not in init and _is_improper(tr[s.name]["fn"])]
+    if improper:
+        raise ModelError(f"population parameter(s) {improper} have an improper prior (no median to start from, and "
+                         "maximum likelihood ignores the prior anyway): give starting values with init={...}, e.g. "
+                         f"init={{{improper[0]!r}: ...}}")
     for site in sites.population:
         given = fixed.get(site.name, init.get(site.name))
         values[site.name] = tr[site.name]["value"] if given is None else _as_value(site.name, given, site.shape)
@@ -120,6 +127,13 @@ def split_values(values: Mapping, fixed_names) -> tuple[dict, dict]:
         if parsed is not None and label not in values and parsed[0] in values:
             fixed[label] = float(np.ravel(np.asarray(values[parsed[0]]))[parsed[1]])
     return init, fixed
+
+
+def _is_improper(fn) -> bool:
+    """Whether a prior is `ImproperUniform` (possibly expanded or made independent): it has no median."""
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return isinstance(fn, dist.ImproperUniform)
 
 
 def theta_labels(space) -> list[str]:
