@@ -248,7 +248,8 @@ def finish(problem, run) -> FitResult:
         ipred = np.asarray(means(jnp.asarray(theta), jnp.asarray(eta_mean)))
 
     accept = np.asarray(recs["accept"])  # [iteration, subj]
-    smooth_accept = accept[b.n_explore:].mean(0)
+    # (an interrupted run may stop before the smoothing phase: then the exploration's acceptance)
+    smooth_accept = (accept[b.n_explore:] if len(accept) > b.n_explore else accept).mean(0)
     cond_accept = np.asarray(run["cond_accept"]).mean(0) if len(run["cond_accept"]) else smooth_accept
     low = [pop.ids[i] for i in np.flatnonzero(cond_accept < 0.05)]
     if low:
