@@ -342,9 +342,9 @@ class _Problem:
         positive = np.zeros(self.theta0.size, bool)  # unconstrained by log: u = log(value)
         for b in self.density.theta_space.blocks:
             positive[b.start:b.stop] = b.leaf_shapes is None and _log_scale(b.site.support)
-        candidates = np.flatnonzero(positive[self.free] & distribution_parameters(
-            self.density, self.pop, self.theta0, self.free, res.x, self.eta))
-        low = [j for j in candidates if res.x[j] < x_start[j] - np.log(100.0) and res.x[j] < np.log(1e-2)]
+        low = np.flatnonzero(positive[self.free] & (res.x < x_start - np.log(100.0)) & (res.x < np.log(1e-2)))
+        if low.size:  # of those, the random effects' distribution's (one derivative: only when needed)
+            low = low[distribution_parameters(self.density, self.pop, self.theta0, self.free, res.x, self.eta)[low]]
         best = None
         for j in low:
             for factor in (1.0, 3.0, 10.0, 30.0, 100.0):

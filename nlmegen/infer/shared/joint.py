@@ -74,7 +74,7 @@ def distribution_parameters(density, pop, theta0: np.ndarray, free: np.ndarray, 
     def loglik(x):
         return jnp.sum(density.subject_terms(theta_all.at[free_idx].set(x), jnp.asarray(eta), pop)[0])
 
-    return np.asarray(jax.grad(loglik)(jnp.asarray(x))) == 0.0
+    return np.asarray(jax.jit(jax.grad(loglik))(jnp.asarray(x))) == 0.0
 
 
 def joint_mode(density, pop, theta0: np.ndarray, free: np.ndarray, x0: np.ndarray, eta0: jax.Array,
