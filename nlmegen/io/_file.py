@@ -232,10 +232,20 @@ def save(fit: FitResult, path: str | os.PathLike, *, overwrite: bool = False, n_
     os.close(fd)
     try:
         tree.to_netcdf(tmp, engine="h5netcdf")
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600: give the file the mode a plain open would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _file_mode(path: Path) -> int:
+    """The replaced file's permission bits, or those the umask gives a new file."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 # ---------------------------------------------------------------------- load

@@ -115,6 +115,9 @@ def test_save_never_touches_other_files(focei, tmp_path):
     focei.save(target)
     assert partial.read_text() == "a user's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.nc", "mine.nc.partial"]  # no temporary left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not the temporary file's 0600
     with pytest.raises(FileExistsError):
         focei.save(target)
 
