@@ -216,7 +216,7 @@ def finish(problem, run) -> FitResult:
                                              jnp.asarray(eta_cov), key, b.is_draws, b.is_df)
         timings["is_s"] = time.perf_counter() - start
     ofv = m2ll - n_obs * LOG_2PI
-    if status != "failed" and b.is_draws and not np.isfinite(m2ll):  # never "converged" with a NaN likelihood
+    if status not in ("failed", "interrupted") and b.is_draws and not np.isfinite(m2ll):  # never "converged" with NaN
         from ..shared.diagnose import explain_nonfinite
 
         cause = explain_nonfinite(density, theta, eta_mean, pop)
