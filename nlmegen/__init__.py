@@ -67,6 +67,10 @@ from .io import load as load  # noqa: E402
 from .model import additive as additive  # noqa: E402
 from .model import combined as combined  # noqa: E402
 from .model import nn as nn  # noqa: E402
+from .model._flows import CovariateGaussian as CovariateGaussian  # noqa: E402
+from .model._flows import flow as flow  # noqa: E402
+from .model._flows import flow_values as flow_values  # noqa: E402
+from .model._flows import spline_flow as spline_flow  # noqa: E402
 from .model import observe as observe  # noqa: E402
 from .model import proportional as proportional  # noqa: E402
 from .model import subjects as subjects  # noqa: E402
