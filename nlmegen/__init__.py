@@ -67,10 +67,6 @@ from .io import load as load  # noqa: E402
 from .model import additive as additive  # noqa: E402
 from .model import combined as combined  # noqa: E402
 from .model import nn as nn  # noqa: E402
-from .model._flows import CovariateGaussian as CovariateGaussian  # noqa: E402
-from .model._flows import flow as flow  # noqa: E402
-from .model._flows import flow_values as flow_values  # noqa: E402
-from .model._flows import spline_flow as spline_flow  # noqa: E402
 from .model import observe as observe  # noqa: E402
 from .model import proportional as proportional  # noqa: E402
 from .model import subjects as subjects  # noqa: E402
@@ -78,9 +74,23 @@ from .simulate import posterior_predictive as posterior_predictive  # noqa: E402
 from .simulate import simulate as simulate  # noqa: E402
 from .simulate import simulate_arrays as simulate_arrays  # noqa: E402
 
+# data-driven random-effect distributions (issue 14): flows, the two-stage route, text covariates, plots
+from .data._text import TextEmbedding as TextEmbedding  # noqa: E402
+from .diagnostics._eta_plots import plot_eta_by_covariate as plot_eta_by_covariate  # noqa: E402
+from .diagnostics._eta_plots import plot_eta_density as plot_eta_density  # noqa: E402
+from .model._flows import CovariateGaussian as CovariateGaussian  # noqa: E402
+from .model._flows import FlowDistribution as FlowDistribution  # noqa: E402
+from .model._flows import flow as flow  # noqa: E402
+from .model._flows import flow_values as flow_values  # noqa: E402
+from .model._flows import spline_flow as spline_flow  # noqa: E402
+from .model._two_stage import eta_draws as eta_draws  # noqa: E402
+from .model._two_stage import fit_flow as fit_flow  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = ["FO", "FOCE", "FOCEI", "NUTS", "SAEM", "SVI", "DataError", "FitResult", "Laplace", "ModelError",
            "Population", "additive", "combined", "datasets", "diagnostics", "examples", "fit", "gof", "load", "nn",
            "objective", "observe", "ode", "pk", "plot_individuals", "posterior_predictive", "proportional",
            "read_nonmem", "simulate", "simulate_arrays", "subjects", "vpc"]
+__all__ += ["CovariateGaussian", "FlowDistribution", "TextEmbedding", "eta_draws", "fit_flow", "flow", "flow_values",
+            "plot_eta_by_covariate", "plot_eta_density", "spline_flow"]

@@ -41,6 +41,7 @@ class Site:
     tree: Any = None  # pytree structure of a param site whose value is a pytree (e.g. NN weights)
     leaf_shapes: tuple | None = None  # shapes of that pytree's leaves
     output: int | None = None  # observed sites from nlmegen.observe: index of the output (None: all)
+    gaussian: bool = True  # random effects: False when drawn from a non-Gaussian distribution (nlmegen.flow)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def _static_view(trace: dict) -> dict:
             fn = site["fn"]
             entry["support"] = fn.support
             entry["event_shape"] = tuple(fn.event_shape)
+            entry["gaussian"] = not _is_flow(fn)
         elif site["type"] == "param":
             entry["support"] = site["kwargs"].get("constraint", constraints.real)
         view[name] = entry
@@ -157,7 +159,8 @@ def discover(model, pop, *args, **kwargs) -> Sites:
                                  "plate; give each subject's random effects as one vector site "
                                  "(e.g. dist.Normal(...).to_event(1)) instead")
             shape = _per_subject_shape(name, site["shape"], in_subject[0], n_subj)
-            random_effects.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape)))
+            random_effects.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape),
+                                       gaussian=site["gaussian"]))
         else:
             shape = site["shape"]
             population.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape)))
@@ -165,6 +168,17 @@ def discover(model, pop, *args, **kwargs) -> Sites:
         raise ModelError("the model has no subject plate; wrap random effects and observations in "
                          "`with nlmegen.subjects(pop):`")
     return Sites(tuple(population), tuple(random_effects), tuple(observed), tuple(deterministic), n_subj)
+
+
+def _is_flow(fn) -> bool:
+    """A distribution from `nlmegen.flow` (possibly expanded by the plate or masked)."""
+    from ._flows import FlowDistribution
+
+    while fn is not None:
+        if isinstance(fn, FlowDistribution):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
 
 
 def _per_subject_shape(name: str, shape: tuple | None, plate: tuple, n_subj: int) -> tuple:
