@@ -350,7 +350,7 @@ def simulate_y(eta_draws, key, sigma):
     return y + sigma * jax.random.normal(key, y.shape)
 
 
-def true_eta(n, x, geno_known=None, key=jax.random.key(11)):
+def true_eta(n, x, geno_known=None, *, key):
     k1, k2, k3, k4 = jax.random.split(key, 4)
     w, m, s = true_parts(x)
     shape = (n,) + x.shape

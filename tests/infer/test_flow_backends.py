@@ -13,13 +13,12 @@ runs the remaining backend x distribution pairs.
 
 import importlib
 
+import _bimodal as B
 import jax
 import numpy as np
 import pytest
 
 import nlmegen
-
-import _bimodal as B
 
 model_values = importlib.import_module("nlmegen.simulate").model_values
 TOL = 0.1
