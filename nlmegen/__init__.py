@@ -48,9 +48,12 @@ from ._errors import DataError as DataError  # noqa: E402
 from ._errors import ModelError as ModelError  # noqa: E402
 from .data import Population as Population  # noqa: E402
 from .data import read_nonmem as read_nonmem  # noqa: E402
+from .data._text import TextEmbedding as TextEmbedding  # noqa: E402
 from .diagnostics import gof as gof  # noqa: E402
 from .diagnostics import plot_individuals as plot_individuals  # noqa: E402
 from .diagnostics import vpc as vpc  # noqa: E402
+from .diagnostics._eta_plots import plot_eta_by_covariate as plot_eta_by_covariate  # noqa: E402
+from .diagnostics._eta_plots import plot_eta_density as plot_eta_density  # noqa: E402
 from .dynamics import ode as ode  # noqa: E402
 from .dynamics import pk as pk  # noqa: E402
 from .infer import FO as FO  # noqa: E402
@@ -71,6 +74,13 @@ from .model import nn as nn  # noqa: E402
 from .model import observe as observe  # noqa: E402
 from .model import proportional as proportional  # noqa: E402
 from .model import subjects as subjects  # noqa: E402
+from .model._flows import CovariateGaussian as CovariateGaussian  # noqa: E402
+from .model._flows import FlowDistribution as FlowDistribution  # noqa: E402
+from .model._flows import flow as flow  # noqa: E402
+from .model._flows import flow_values as flow_values  # noqa: E402
+from .model._flows import spline_flow as spline_flow  # noqa: E402
+from .model._two_stage import eta_draws as eta_draws  # noqa: E402
+from .model._two_stage import fit_flow as fit_flow  # noqa: E402
 from .simulate import posterior_predictive as posterior_predictive  # noqa: E402
 from .simulate import simulate as simulate  # noqa: E402
 from .simulate import simulate_arrays as simulate_arrays  # noqa: E402
@@ -81,3 +91,5 @@ __all__ = ["FO", "FOCE", "FOCEI", "NUTS", "SAEM", "SVI", "DataError", "FitResult
            "Population", "additive", "combined", "datasets", "diagnostics", "examples", "fit", "gof", "load", "nn",
            "objective", "observe", "ode", "pk", "plot_individuals", "posterior_predictive", "proportional",
            "read_nonmem", "resume", "simulate", "simulate_arrays", "subjects", "vpc"]
+__all__ += ["CovariateGaussian", "FlowDistribution", "TextEmbedding", "eta_draws", "fit_flow", "flow", "flow_values",
+            "plot_eta_by_covariate", "plot_eta_density", "spline_flow"]

@@ -47,6 +47,7 @@ class Site:
     leaf_shapes: tuple | None = None  # shapes of that pytree's leaves
     output: int | None = None  # observed sites from nlmegen.observe: index of the output (None: all)
     value_support: Any = None  # observed sites from nlmegen.observe: where each DV must lie (uncensored)
+    gaussian: bool = True  # random effects: False when drawn from a non-Gaussian distribution (nlmegen.flow)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def _static_view(trace: dict) -> dict:
             fn = site["fn"]
             entry["support"] = fn.support
             entry["event_shape"] = tuple(fn.event_shape)
+            entry["gaussian"] = not _is_flow(fn)
         elif site["type"] == "param":
             entry["support"] = site["kwargs"].get("constraint", constraints.real)
         view[name] = entry
@@ -182,7 +184,8 @@ def discover(model, pop, *args, **kwargs) -> Sites:
                                  "plate; give each subject's random effects as one vector site "
                                  "(e.g. dist.Normal(...).to_event(1)) instead")
             shape = _per_subject_shape(name, site["shape"], in_subject[0], n_subj)
-            random_effects.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape)))
+            random_effects.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape),
+                                       gaussian=site["gaussian"]))
         else:
             shape = site["shape"]
             _check_per_subject_outside_plate(name, site, n_subj)
@@ -243,6 +246,17 @@ def _check_per_subject_outside_plate(name: str, site: dict, n_subj: int) -> None
         f"(fixed effects), not as random effects. Sample it inside `with nlmegen.subjects(pop):` with the "
         f"per-subject distribution (e.g. dist.Normal(0, omega).to_event(1)). If it really is a population "
         f"parameter of that length, pass infer={{{POPULATION_TAG!r}: True}} to numpyro.sample")
+
+
+def _is_flow(fn) -> bool:
+    """A distribution from `nlmegen.flow` (possibly expanded by the plate or masked)."""
+    from ._flows import FlowDistribution
+
+    while fn is not None:
+        if isinstance(fn, FlowDistribution):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
 
 
 def _per_subject_shape(name: str, shape: tuple | None, plate: tuple, n_subj: int) -> tuple:

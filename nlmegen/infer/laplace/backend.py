@@ -172,6 +172,11 @@ class _Problem:
         check_population(pop)
         sites = discover(model, pop)
         check_fit(sites, pop)
+        flows = [s.name for s in sites.random_effects if not s.gaussian]
+        if backend.method == "fo" and flows:
+            raise ModelError(f"FO linearises the model at eta = 0 under a Gaussian N(0, Omega), but random effect(s) "
+                             f"{flows} come from nlmegen.flow: use FOCEI, FOCE or Laplace (exact curvature of the "
+                             "flow's log density), SAEM, NUTS or SVI")
         density, _, fixed_names, theta0, labels, free = starting_point(model, pop, sites, init, fixed)
         return cls(backend, model, pop, density, theta0, free, labels, fixed_names)
 

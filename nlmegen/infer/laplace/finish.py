@@ -83,7 +83,8 @@ def _shrinkage(pop, eta, precision, ipred, var) -> dict[str, np.ndarray]:
     """ETA shrinkage 1 - SD(EBE)/omega and EPS shrinkage 1 - SD(IWRES), in percent (NONMEM's)."""
     out = {}
     if eta.shape[1]:
-        omega = np.sqrt(np.mean(np.diagonal(np.linalg.inv(precision), axis1=1, axis2=2), axis=0))
+        with np.errstate(invalid="ignore"):  # a flow's curvature at eta = 0 need not be positive (NaN then)
+            omega = np.sqrt(np.mean(np.diagonal(np.linalg.inv(precision), axis1=1, axis2=2), axis=0))
         out["eta"] = 100.0 * (1.0 - np.std(eta, axis=0, ddof=1) / omega)
     if var is not None:
         mask, dv, dvid = np.asarray(pop.mask), np.asarray(pop.dv), np.asarray(pop.dvid)
