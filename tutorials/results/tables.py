@@ -37,6 +37,17 @@ def learned_effect(path=HERE / "04_learned_drug_effect.json") -> str:
         lines.append(f"| {names[k]} | {b['n']} | {b['width_inside_mean']:.3f} | {b['width_outside_mean']:.3f} | "
                      f"{b['width_at_3cmax']:.3f} | {b['rmse_inside_median']:.3f} | {b['rmse_outside_median']:.3f} | "
                      f"{b['abs_error_at_3cmax_median']:.3f} ({b['abs_error_at_3cmax_max']:.3f}) |")
+    low = r.get("low_doses")
+    if low:
+        lines += ["", f"Doses / 10 (c_max = {low['c_max']:.2f} mg/L, true h(c_max) = {low['true_h_at_cmax']:.2f}, "
+                  f"h(3 c_max) = {low['true_h_at_3cmax']:.2f}):", "",
+                  "| architecture | n | median RMSE inside | outside | median abs. error at 3 c_max (max) |",
+                  "|---" * 5 + "|"]
+        for k in ("plain", "saturating"):
+            b = low[k]
+            lines.append(f"| {k} MLP | {len(b['abs_error_at_3cmax'])} | {b['rmse_inside_median']:.3f} | "
+                         f"{b['rmse_outside_median']:.3f} | {b['abs_error_at_3cmax_median']:.3f} "
+                         f"({b['abs_error_at_3cmax_max']:.3f}) |")
     lines += ["", "| Bayesian UDE | 95% band width inside | outside | coverage inside | outside | status | wall |",
               "|---" * 7 + "|"]
     for k, b in r["bayes"].items():
