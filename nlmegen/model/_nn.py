@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from numpyro.contrib.module import nnx_module, random_nnx_module
+from numpyro.primitives import Messenger
 
 __all__ = ["nn"]
 
@@ -46,4 +48,23 @@ def nn(name: str, module: Any, *, prior: Any = None) -> Callable[..., Any]:
     """
     if prior is None:
         return nnx_module(name, module)
-    return random_nnx_module(name, module, prior)
+    with _fresh_containers(site=f"{name}$params"):
+        return random_nnx_module(name, module, prior)
+
+
+class _fresh_containers(Messenger):
+    """Give the value of the param site ``site`` new dict containers (same arrays).
+
+    NumPyro's ``random_nnx_module`` replaces the leaves of its param site's value in place with
+    shape placeholders. Under ``substitute``/``condition`` that value is the caller's dict (weights
+    held by ``fixed=``, a fit's start values), which would be left unusable after the first run of
+    the model.
+    """
+
+    def __init__(self, fn=None, site: str = ""):
+        self.site = site
+        super().__init__(fn)
+
+    def postprocess_message(self, msg):
+        if msg["type"] == "param" and msg["name"] == self.site:
+            msg["value"] = jax.tree_util.tree_map(lambda x: x, msg["value"])

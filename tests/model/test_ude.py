@@ -135,3 +135,23 @@ def test_deepnlme_random_effect_is_an_nn_input(study):
     grad_eta = jax.grad(lambda e: density.subject_log_joint(theta, e, pop).sum())(eta)
     assert np.all(np.isfinite(grad_eta))
     assert np.count_nonzero(grad_eta) == pop.n_subjects  # each subject's eta moves its own response
+
+
+def test_bayesian_nn_leaves_a_held_weight_dict_intact():
+    """nn(..., prior=...) under substitute: NumPyro's random_nnx_module replaces the entries of its
+    param site's value in place; the caller's dict (weights held by ``fixed=``) must stay arrays."""
+    net = Effect(1, nnx.Rngs(0))
+    held = nnx.to_pure_dict(nnx.state(net, nnx.Param))
+    before = jax.tree.map(np.asarray, held)
+
+    def model():
+        f = nlmegen.nn("effect", net, prior=dist.Normal(0.0, 1.0))
+        return f(jnp.ones(1))
+
+    for seed in range(2):
+        tr = numpyro.handlers.trace(numpyro.handlers.seed(
+            numpyro.handlers.substitute(model, data={"effect$params": held}), rng_seed=seed)).get_trace()
+        assert "effect/hidden.kernel" in tr and tr["effect/hidden.kernel"]["type"] == "sample"
+    assert jax.tree.structure(held) == jax.tree.structure(before)
+    for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
