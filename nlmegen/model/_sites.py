@@ -154,6 +154,11 @@ def discover(model, pop, *args, **kwargs) -> Sites:
             raise ModelError(hint) from err
     population, random_effects, observed, deterministic = [], [], [], []
     n_subj = pop.n_subjects
+    # Bayesian networks (nlmegen.nn(..., prior=...)): numpyro names their weight sites "<name>/<path>"
+    # beside a param site "<name>$params"; a weight matrix may have as many rows as there are subjects
+    modules = {n[: -len("$params")] for n in view if n.endswith("$params")}
+    # ... whose "$params" site is numpyro's record of the module's shapes, not used by the model
+    sampled = {n.split("/")[0] for n, v in view.items() if v["type"] == "sample" and n.split("/")[0] in modules}
     for name, site in view.items():
         if site["type"] == "deterministic":
             deterministic.append(name)
@@ -161,7 +166,7 @@ def discover(model, pop, *args, **kwargs) -> Sites:
         in_subject = [p for p in site["plates"] if p[0] == SUBJECT_PLATE]
         nested = [p for p in site["plates"] if p[0] != SUBJECT_PLATE and in_subject]
         if site["type"] == "param":
-            if not site["leaf_shapes"]:  # no arrays: numpyro's random modules register only shapes here
+            if not site["leaf_shapes"] or name[: -len("$params")] in sampled:  # a Bayesian network's shapes
                 continue
             size = int(sum(int(np.prod(s)) for s in site["leaf_shapes"]))
             population.append(Site(name, site["shape"] or (), site["support"], "param", size, site["tree"],
@@ -188,7 +193,8 @@ def discover(model, pop, *args, **kwargs) -> Sites:
                                        gaussian=site["gaussian"]))
         else:
             shape = site["shape"]
-            _check_per_subject_outside_plate(name, site, n_subj)
+            if name.split("/")[0] not in modules:
+                _check_per_subject_outside_plate(name, site, n_subj)
             population.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape)))
     if not random_effects and not any(SUBJECT_PLATE in [p[0] for p in s["plates"]] for s in view.values()):
         raise ModelError("the model has no subject plate; wrap random effects and observations in "

@@ -149,7 +149,12 @@ def _nonfinite_subjects(problem, carry, status: str, message: str) -> tuple[str,
     if not stuck.size:
         return status, message
     ids = [problem.pop.ids[i] for i in stuck]
-    return "failed", (f"the log density is not finite for subject(s) {ids[:10]} at every chain state (NaN or "
+    from ..shared.diagnose import explain_nonfinite
+
+    theta = np.asarray(carry["theta"])
+    cause = explain_nonfinite(problem.density, theta, jnp.asarray(carry["estate"].eta[0]), problem.pop)
+    return "failed", ((f"{cause}; " if cause else "") +
+                      f"the log density is not finite for subject(s) {ids[:10]} at every chain state (NaN or "
                       "infinite predictions or log-likelihood for these subjects: check their data and covariates, "
                       f"and the model at their values); {message}")
 
