@@ -10,6 +10,21 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop the compiled programs it left in memory (JAX's caches and the
+    Laplace backend's): the whole suite in one process otherwise accumulates several hundred of them,
+    and late compilations crashed inside XLA (segfault/abort) although each module passes alone."""
+    yield
+    import gc
+
+    from nlmegen.infer.laplace import backend
+
+    backend._CACHE.clear()
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture
 def key():
     """A fresh, fixed PRNG key for each test."""
