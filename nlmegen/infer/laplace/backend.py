@@ -28,7 +28,7 @@ from ...model import Density, discover
 from ..shared import checkpoint
 from ..shared.checks import check_fit, ode_step_limit
 from ..shared.covariance import covariance_step, unidentified
-from ..shared.joint import distribution_parameters, joint_mode, joint_steps
+from ..shared.joint import AUTO_MANY_PARAMS, distribution_parameters, has_network_weights, joint_mode, joint_steps
 from ..shared.start import starting_point
 from .bfgs import BFGSState, bfgs, bhhh_inverse
 from .objective import LOG_2PI, Objective
@@ -41,7 +41,7 @@ ENGINES = ("auto", "forward", "reverse")
 #: weights, or without random effects). Below it the forward engine is as fast per evaluation on the
 #: IDR model (60 subjects, 14 parameters: 2.0 vs 1.35 s per fit evaluation) and keeps the optimiser
 #: paths of the published checks (theo_sd, Wang2007, warfarin) unchanged.
-AUTO_REVERSE_PARAMS = 32
+AUTO_REVERSE_PARAMS = AUTO_MANY_PARAMS
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ class _Problem:
             return "forward"
         if engine != "auto":
             return engine
-        network = any(b.leaf_shapes is not None for b in self.density.theta_space.blocks)
+        network = has_network_weights(self.density)
         many = int(self.free.sum()) > AUTO_REVERSE_PARAMS
         if not (network or many or not self.density.sites.n_eta):
             return "forward"
@@ -294,8 +294,9 @@ class _Problem:
             self.warnings, self.nonfinite = list(saved["warnings"]), saved["nonfinite"]
             last["state"] = BFGSState(**saved["bfgs"])
         try:
-            if saved is None and x0.size and joint_steps(self.backend.joint_steps, self.density, self.free):
-                x0 = self.joint_start(x0, bar)
+            steps = joint_steps(self.backend.joint_steps, self.density, self.free)
+            if saved is None and x0.size and steps:
+                x0 = self.joint_start(x0, steps, bar)
             if saved is None and x0.size and self.backend.adam_steps:
                 x0 = self.adam(fun, x0, callback)
             if saved is None:
@@ -361,7 +362,7 @@ class _Problem:
                                           f"{np.exp(trial[j]):.2g}: OFV {res.fun:.4f} -> {value[0]:.4f}")
         return best
 
-    def joint_start(self, x0: np.ndarray, bar) -> np.ndarray:
+    def joint_start(self, x0: np.ndarray, steps: int, bar) -> np.ndarray:
         """Move the start to the joint mode of (theta, eta) (`shared.joint`); its eta warm-start the EBEs."""
 
         def report(it, value):
@@ -369,7 +370,6 @@ class _Problem:
             if self.backend.progress and (it == 1 or it % self.backend.print_every == 0):
                 bar.write(f"{self.backend.method} joint-mode warm start, step {it:4d}  -2 log joint {value:.6f}")
 
-        steps = joint_steps(self.backend.joint_steps, self.density, self.free)
         res = joint_mode(self.density, self.pop, self.theta0, self.free, x0, self.eta, self.free_labels,
                          steps=steps, use_map=self.backend.map, callback=report)
         self.joint = {"steps": res.steps, "seconds": res.seconds, "value": res.value}

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["AUTO_JOINT_STEPS", "JointResult", "distribution_parameters", "joint_mode", "joint_steps"]
+__all__ = ["AUTO_JOINT_STEPS", "AUTO_MANY_PARAMS", "JointResult", "distribution_parameters", "has_network_weights",
+           "joint_mode", "joint_steps"]
 
 #: ``joint_steps="auto"``: L-BFGS steps of the joint-mode warm start for models with network weights
 #: or more than `AUTO_MANY_PARAMS` free parameters (none otherwise).
@@ -37,13 +38,17 @@ AUTO_JOINT_STEPS = 500
 AUTO_MANY_PARAMS = 32
 
 
+def has_network_weights(density) -> bool:
+    """Whether the model declares network weights (pytree-valued population sites, `nlmegen.nn`)."""
+    return any(b.leaf_shapes is not None for b in density.theta_space.blocks)
+
+
 def joint_steps(setting, density, free: np.ndarray) -> int:
     """The warm start's step budget for a backend's ``joint_steps`` setting (``"auto"`` or an int)."""
     if setting == "auto":
         if not density.sites.n_eta:
             return 0
-        network = any(b.leaf_shapes is not None for b in density.theta_space.blocks)
-        return AUTO_JOINT_STEPS if network or int(np.sum(free)) > AUTO_MANY_PARAMS else 0
+        return AUTO_JOINT_STEPS if has_network_weights(density) or int(np.sum(free)) > AUTO_MANY_PARAMS else 0
     if not isinstance(setting, (int, np.integer)) or isinstance(setting, bool) or setting < 0:
         raise ValueError(f"joint_steps must be 'auto' or a non-negative integer, not {setting!r}")
     return int(setting) if density.sites.n_eta else 0
