@@ -231,12 +231,14 @@ print(pd.DataFrame({k: {m: v for m, v in low[k].items() if m != "abs_error_at_3c
 # %%
 bayes = sx.ude_model("mlp", hidden=(8, 8), prior=dist.Normal(0.0, 1.0))
 start = sx.start_values(bayes, scales, seed=0)
-unused = {"effect$params": start.pop("effect$params")}  # the point-weight site that the prior overrides
+# the same initial weights, as the values of the Bayesian network's sample sites "effect/layers.<i>.<leaf>"
+start.update({f"effect/layers.{i}.{leaf}": value for i, layer in start.pop("effect$params")["layers"].items()
+              for leaf, value in layer.items()})
 svi_steps = 50 if SMALL else int(os.environ.get("NLMEGEN_UDE_SVI_STEPS", 1500))
 t0 = time.perf_counter()
 svi_backend = nlmegen.SVI(guide="mvn", num_steps=svi_steps, learning_rate=0.01, num_draws=50 if SMALL else 400,
                           progress=False)
-svi = nlmegen.fit(bayes, pop, svi_backend, init=start, fixed=unused, key=jax.random.key(0))
+svi = nlmegen.fit(bayes, pop, svi_backend, init=start, key=jax.random.key(0))
 bayes_runs = {"svi": {"status": svi.status, "message": svi.message, "wall_s": time.perf_counter() - t0,
                       "num_steps": svi_steps}}
 print(f"SVI {svi.status} in {bayes_runs['svi']['wall_s']:.0f} s")
@@ -273,7 +275,7 @@ if NUTS_ON:  # NLMEGEN_UDE_NUTS=0 skips it (SVI only)
     t0 = time.perf_counter()
     nuts = nlmegen.fit(bayes, pop, nlmegen.NUTS(num_warmup=nuts_samples, num_samples=nuts_samples, num_chains=2,
                                                 max_tree_depth=5, progress=False),
-                       init=svi_mean, fixed=unused, key=jax.random.key(1))
+                       init=svi_mean, key=jax.random.key(1))
     bayes_runs["nuts"] = {"status": nuts.status, "message": nuts.message, "wall_s": time.perf_counter() - t0,
                           "num_samples": nuts_samples, "num_chains": 2}
     post["nuts"] = posterior_curves(nuts, bayes)
