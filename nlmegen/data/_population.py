@@ -230,6 +230,13 @@ class Population(eqx.Module):
 
         return with_regimen(self, doses, ids=ids)
 
+    def with_dv(self, values: Any) -> Population:
+        """This population with ``values`` (``[subj, obs]``) as the DV of its observation records
+        (below an LLOQ: left-censored); what ``nlmegen.simulate(..., as_population=True)`` returns."""
+        from ._edit import with_dv
+
+        return with_dv(self, values)
+
     def check_observed(self) -> None:
         """Raise `DataError` naming observation records without a DV (read with ``allow_missing_dv``):
         fitting them would fit zeros as measurements. Every fitting backend calls this."""

@@ -105,7 +105,7 @@ def prediction_curves(fit, ids=None, *, n_points: int = 200) -> pd.DataFrame:
     """
     from ..data import read_nonmem
     from ..model import discover
-    from ..simulate import ebe_values, model_values, simulate_batched
+    from .._simulate import ebe_values, model_values, simulate_batched
 
     fit.require_model("prediction curves (plot_individuals)")
     ids = list(fit.pop.ids) if ids is None else list(ids)

@@ -151,7 +151,7 @@ def vpc(
 
     For a Bayesian fit (posterior ``draws``) replicate ``k`` is simulated at the population
     parameters of one posterior draw (``n_sim`` draws evenly spaced over the chains, see
-    `nlmegen.simulate.draw_indices`), so the intervals include parameter uncertainty; pass
+    `nlmegen._simulate.draw_indices`), so the intervals include parameter uncertainty; pass
     ``params`` to simulate at fixed values instead.
 
     Returns
@@ -161,7 +161,7 @@ def vpc(
         ``sim_lower``, ``sim_median``, ``sim_upper``; ``.blq``: observed and simulated fractions
         below LLOQ; ``.plot()``.
     """
-    from ..simulate import _simulate_values, model_values, simulate_arrays
+    from .._simulate import _simulate_values, model_values, simulate_arrays
 
     if x not in ("time", "tad"):
         raise ValueError(f"x must be 'time' or 'tad', not {x!r}")
@@ -216,7 +216,7 @@ def _typical_prediction(model, params, pop) -> np.ndarray:
     import jax.numpy as jnp
 
     from ..model import discover
-    from ..simulate import simulate_arrays
+    from .._simulate import simulate_arrays
 
     zeros = {s.name: jnp.zeros((pop.n_subjects, *s.shape)) for s in discover(model, pop).random_effects}
     return simulate_arrays(model, {**params, **zeros}, pop, key=jax.random.key(0), noise=False)[0]
