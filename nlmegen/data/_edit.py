@@ -83,7 +83,7 @@ def with_regimen(pop, doses: Any, *, ids: Sequence[Any] | None = None):
     merged = merged.fillna({c: 0 for c in (names["AMT"], names["RATE"], names["II"], names["SS"], names["ADDL"],
                                          names["CMT"]) if c in merged.columns})
     return read_nonmem(merged.reset_index(drop=True), interpolation=dict(pop.interpolation),
-                       covariates=list(pop.cov_values), allow_missing_dv=True)
+                       covariates=list(pop.cov_values), allow_missing_dv=True, units=dict(pop.units))
 
 
 def with_dv(pop, values: Any):

@@ -33,8 +33,8 @@ def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
 
 def _linearisation(fit, pop):
     """f, V and G = df/d eta at the EBEs, and Omega, from the fit's model (Gaussian residuals)."""
-    from ..infer.laplace.objective import Objective, _value_and_columns
     from .._simulate import ebe_values
+    from ..infer.laplace.objective import Objective, _value_and_columns
 
     density = Density(fit.model, discover(fit.model, pop))
     objective = Objective(density, "focei")

@@ -217,8 +217,8 @@ _DESCRIPTIONS = {
 def _log_likelihood(fit: FitResult, posterior: dict) -> np.ndarray:
     """``[chain, draw, obs]`` pointwise log-likelihood of the real observations at every draw,
     conditional on each draw's random effects."""
-    from ..infer.shared.pointwise import pointwise_log_likelihood
     from .._simulate import model_values
+    from ..infer.shared.pointwise import pointwise_log_likelihood
 
     lead = next(iter(posterior.values())).shape[:2]
     held = model_values(fit)  # network weights as the pytree the model takes (constant over ML draws)
