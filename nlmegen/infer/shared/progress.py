@@ -9,6 +9,7 @@ cache).
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -22,9 +23,9 @@ __all__ = ["compiling", "ticker"]
 @contextmanager
 def ticker(doing: str, done: str, enabled: bool = True, *, stream: TextIO | None = None, delay: float = 0.5,
            every: float = 1.0) -> Iterator[None]:
-    """While the block runs: ``<doing> ... 3 s`` on ``stream`` (default ``sys.stderr``) after ``delay``
-    seconds, rewritten every ``every`` seconds; at the end ``<done> in 4.2 s`` (nothing if the block
-    ended before the first line was due)."""
+    """While the block runs: ``<doing> ... 3 s`` on ``stream`` (default ``sys.stderr``), first after
+    ``delay`` seconds, then just after each further ``every`` seconds (the whole seconds elapsed); at the
+    end ``<done> in 4.2 s`` (nothing if the block ended before the first line was due)."""
     if not enabled:
         yield
         return
@@ -36,10 +37,12 @@ def ticker(doing: str, done: str, enabled: bool = True, *, stream: TextIO | None
     def show() -> None:
         wait = delay
         while not finished.wait(wait):
-            out.write(f"\r{doing} ... {time.perf_counter() - start:.0f} s")
+            elapsed = time.perf_counter() - start
+            ticks = math.floor(elapsed / every + 1e-9)
+            out.write(f"\r{doing} ... {ticks * every:.0f} s")  # whole seconds elapsed, as a clock shows them
             out.flush()
             shown.append(True)
-            wait = every
+            wait = (ticks + 1) * every + 0.01 - (time.perf_counter() - start)  # just after the next whole tick
 
     thread = threading.Thread(target=show, name="nlmegen-ticker", daemon=True)
     thread.start()
