@@ -138,19 +138,30 @@ def _fit(args) -> int:
           f"method {args.method}")
     key = jax.random.key(args.seed)
     stochastic = args.method.strip().lower() in ("saem", "nuts", "svi")
-    fit = nlmegen.fit(model, pop, args.method, key=key if stochastic else None, progress=False)
-    print(fit)
+    fit = nlmegen.fit(model, pop, args.method, key=key if stochastic else None, progress=True)
+    print(fit, flush=True)
     paths = [out / n for n in FIT_FILES]
     fit.table("natural").to_csv(paths[0])
     fit.table("estimation").to_csv(paths[1])
-    fit.save(paths[2], overwrite=True)
-    nlmegen.vpc(fit, n_sim=args.n_sim, key=key).plot().savefig(paths[3], dpi=130)
-    nlmegen.gof(fit, key=key).savefig(paths[4], dpi=130)
-    nlmegen.plot_individuals(fit).savefig(paths[5], dpi=130)
+    with _stage("writing the result file", "result file written"):
+        fit.save(paths[2], overwrite=True)
+    with _stage(f"VPC: simulating {args.n_sim} replicates", f"VPC: {args.n_sim} replicates simulated and drawn"):
+        nlmegen.vpc(fit, n_sim=args.n_sim, key=key).plot().savefig(paths[3], dpi=130)
+    with _stage("GOF: residuals, NPDE (500 simulations), 9 panels", "GOF panels drawn"):
+        nlmegen.gof(fit, key=key).savefig(paths[4], dpi=130)
+    with _stage("individual fits: IPRED and PRED curves", "individual fits drawn"):
+        nlmegen.plot_individuals(fit).savefig(paths[5], dpi=130)
     for path in paths:
         print(f"wrote {path}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0 if fit.status != "failed" else 1
+
+
+def _stage(doing: str, done: str):
+    """The demo's progress: ``doing ... 3 s`` on stderr from the start, then ``done in 4.2 s``."""
+    from .infer.shared.progress import ticker
+
+    return ticker(doing, done, delay=0.0)
 
 
 def _theo(nlmegen, key, n_sim: int, paths) -> None:
@@ -158,12 +169,15 @@ def _theo(nlmegen, key, n_sim: int, paths) -> None:
 
     pop = nlmegen.read_nonmem(nlmegen.datasets.load("theo_sd"))
     print(f"theo_sd: {pop.n_subjects} subjects, {pop.n_observations} observations; "
-          "one-compartment oral model, FOCEI")
-    fit = nlmegen.fit(nlmegen.examples.theo_model, pop, method="focei", progress=False)
-    print(fit)
-    nlmegen.vpc(fit, n_sim=n_sim, key=key).plot().savefig(paths[0], dpi=130)
-    plots.gof(fit, key=key).savefig(paths[1], dpi=130)
-    plots.plot_individuals(fit).savefig(paths[2], dpi=130)
+          "one-compartment oral model, FOCEI", flush=True)
+    fit = nlmegen.fit(nlmegen.examples.theo_model, pop, method="focei", progress=True)
+    print(fit, flush=True)
+    with _stage(f"VPC: simulating {n_sim} replicates", f"VPC: {n_sim} replicates simulated and drawn"):
+        nlmegen.vpc(fit, n_sim=n_sim, key=key).plot().savefig(paths[0], dpi=130)
+    with _stage("GOF: residuals, NPDE (500 simulations), 9 panels", "GOF panels drawn"):
+        plots.gof(fit, key=key).savefig(paths[1], dpi=130)
+    with _stage("individual fits: IPRED and PRED curves", "individual fits drawn"):
+        plots.plot_individuals(fit).savefig(paths[2], dpi=130)
 
 
 def _warfarin(nlmegen, key, n_sim: int, paths) -> None:
@@ -176,21 +190,24 @@ def _warfarin(nlmegen, key, n_sim: int, paths) -> None:
     counts = {o: int(((pop.dvid == k) & pop.mask).sum()) for k, o in enumerate(pop.outputs)}
     print(f"warfarin: {pop.n_subjects} subjects, {pop.n_observations} observations "
           f"({', '.join(f'{n} {o}' for o, n in counts.items())}); one-compartment oral PK and PCA turnover "
-          "(indirect response, inhibited synthesis), joint FOCEI fit")
-    fit = nlmegen.fit(nlmegen.examples.warfarin_model, pop, method="focei", progress=False)
-    print(fit)
-    nlmegen.vpc(fit, n_sim=n_sim, key=key).plot().savefig(paths[0], dpi=130)
-    # one GOF row pair per output: cp (mg/L) and pca (%) do not share axes
-    table = gof_table(fit, n_sim=n_sim, key=key)
+          "(indirect response, inhibited synthesis), joint FOCEI fit", flush=True)
+    fit = nlmegen.fit(nlmegen.examples.warfarin_model, pop, method="focei", progress=True)
+    print(fit, flush=True)
+    with _stage(f"VPC: simulating {n_sim} replicates", f"VPC: {n_sim} replicates simulated and drawn"):
+        nlmegen.vpc(fit, n_sim=n_sim, key=key).plot().savefig(paths[0], dpi=130)
+    # one block of three GOF rows per output: cp (mg/L) and pca (%) do not share axes
+    with _stage(f"GOF: residuals and NPDE ({n_sim} simulations)", "GOF residuals computed"):
+        table = gof_table(fit, n_sim=n_sim, key=key)
     outputs = list(fit.outputs)
-    fig, axes = plt.subplots(2 * len(outputs), 3, figsize=(13.5, 8.6 * len(outputs)), layout="constrained",
+    fig, axes = plt.subplots(3 * len(outputs), 3, figsize=(13.5, 12.6 * len(outputs)), layout="constrained",
                              squeeze=False)
     for k, output in enumerate(outputs):
-        plots.gof(fit, table=table[table["output"] == output], axes=axes[2 * k:2 * k + 2].ravel())
+        plots.gof(fit, table=table[table["output"] == output], axes=axes[3 * k:3 * k + 3].ravel())
         fig.text(0.005, 1.0 - k / len(outputs) - 0.004, output, fontsize=14, fontweight="bold", va="top")
     fig.savefig(paths[1], dpi=110)
     ids = list(pop.ids[:8])
-    curves = prediction_curves(fit, ids)
+    with _stage("individual fits: IPRED and PRED curves", "individual curves computed"):
+        curves = prediction_curves(fit, ids)
     fig, axes = plt.subplots(2 * len(outputs), 4, figsize=(12.0, 2.6 * 2 * len(outputs)), layout="constrained",
                              squeeze=False)
     for k, output in enumerate(outputs):

@@ -259,7 +259,7 @@ def simulate_idr(n_subjects: int, *, key: jax.Array, params: dict | None = None,
     >>> pop.outputs
     ('conc', 'resp')
     """
-    from .simulate import simulate
+    from ._simulate import simulate
 
     table = idr_population(n_subjects, **design)
     pop = read_nonmem(table, allow_missing_dv=True)

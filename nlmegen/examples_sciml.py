@@ -70,7 +70,7 @@ def regimen_table(regimens, times=TRAIN_TIMES) -> pd.DataFrame:
 
 def simulate_regimens(regimens, times=TRAIN_TIMES, *, key: jax.Array, params=None) -> pd.DataFrame:
     """:func:`regimen_table` filled with observations simulated from the one subject (with noise)."""
-    from .simulate import simulate
+    from ._simulate import simulate
 
     table = regimen_table(regimens, times)
     sims = simulate(idr_model, params or SUBJECT_TRUTH, read_nonmem(table, allow_missing_dv=True), key=key)
@@ -80,7 +80,7 @@ def simulate_regimens(regimens, times=TRAIN_TIMES, *, key: jax.Array, params=Non
 
 def true_predictions(pop: Population, params=None) -> np.ndarray:
     """``[subj, obs]`` noise-free truth (NaN at padding) of the one subject on ``pop``'s regimens."""
-    from .simulate import simulate_arrays
+    from ._simulate import simulate_arrays
 
     return simulate_arrays(idr_model, params or SUBJECT_TRUTH, pop, key=jax.random.key(0), noise=False)[0]
 
@@ -298,7 +298,7 @@ def middle_model(scales: dict, *, hidden=(8, 8), seed: int = 0, rtol: float = 1e
 def effect_curve(model, params, c) -> np.ndarray:
     """The learned drug effect ``h(c)`` of a :func:`ude_model` at concentrations ``c``.
 
-    ``params``: a fit's parameters as the model takes them (`nlmegen.simulate.model_values`) or a
+    ``params``: a fit's parameters as the model takes them (`nlmegen._simulate.model_values`) or a
     dict with ``effect$params`` (point weights) / the Hill sites.
     """
     weights = params if model.kind == "hill" else params["effect$params"]

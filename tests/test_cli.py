@@ -1,5 +1,10 @@
 """``nlmegen fit DATA MODEL``: a user's CSV and a model in a Python file -> tables, result file, figures."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -61,3 +66,37 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"nlmegen {nlmegen.__version__}"
+
+
+_NO_JAX = """
+import runpy, sys, time
+start = time.perf_counter()
+sys.argv = ["nlmegen", sys.argv[1]]
+try:
+    runpy.run_module("nlmegen", run_name="__main__")
+except SystemExit as stop:
+    code = stop.code
+print("EXIT", code, "JAX", "jax" in sys.modules, "NUMPYRO", "numpyro" in sys.modules,
+      "SECONDS", time.perf_counter() - start)
+"""
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_do_not_import_jax(flag):
+    """``python -m nlmegen --help`` answers without importing JAX (lazy imports): 1.4 s of imports saved."""
+    root = Path(nlmegen.__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _NO_JAX, flag], capture_output=True, text=True, cwd=root,
+                          timeout=60)
+    last = done.stdout.strip().splitlines()[-1].split()
+    assert last[:6] == ["EXIT", "0", "JAX", "False", "NUMPYRO", "False"], done.stdout + done.stderr
+    assert float(last[7]) < 0.5  # importing JAX alone takes over 1 s here
+    assert ("usage: nlmegen" in done.stdout) if flag == "--help" else (nlmegen.__version__ in done.stdout)
+
+
+def test_jax_settings_apply_when_jax_is_imported_after_nlmegen():
+    """x64 (and the compilation cache) are set by the post-import hook, before any array exists."""
+    code = ("import sys, nlmegen; assert 'jax' not in sys.modules; import jax.numpy as jnp; "
+            "print(jnp.ones(2).dtype, nlmegen.simulate.__module__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(nlmegen.__file__).resolve().parents[1], env={**os.environ, "NLMEGEN_CACHE_DIR": "0"})
+    assert done.stdout.split() == ["float64", "nlmegen._simulate"], done.stderr

@@ -14,11 +14,16 @@ WARFARIN = {"tka": 0.0, "tlag": np.log(0.8), "tcl": -2.0, "tv": 2.05, "tec50": 0
             "omega": np.array([0.8, 0.28, 0.22, 0.45, 0.1, 0.05]), "prop_cp": 0.1, "add_cp": 0.5, "add_pca": 3.7}
 
 
-def test_demo_writes_figures_and_refuses_to_overwrite(tmp_path, capsys):
+def test_demo_writes_figures_and_refuses_to_overwrite(tmp_path, capfd):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--n-sim", "50"]) == 0
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()
+    printed = captured.out
     assert "OFV 116.80" in printed and "converged" in printed
+    # progress on stderr from the first second: compilation, then each stage with its elapsed time
+    for line in ("compiling the FOCEI objective and gradient ... ", "VPC: simulating 50 replicates ... 0 s",
+                 "VPC: 50 replicates simulated and drawn in ", "GOF panels drawn in ", "individual fits drawn in "):
+        assert line in captured.err, (line, captured.err[-800:])
     for name in FIGURES:
         assert (out / name).stat().st_size > 20_000, name
     before = (out / FIGURES[0]).stat().st_mtime_ns

@@ -65,7 +65,7 @@ def bayes_fit(theo):
 
 
 def test_draw_indices():
-    from nlmegen.simulate import draw_indices
+    from nlmegen._simulate import draw_indices
 
     np.testing.assert_array_equal(draw_indices(10, 10), np.arange(10))
     np.testing.assert_array_equal(draw_indices(10, 3), [0, 4, 9])  # evenly spaced
@@ -106,7 +106,7 @@ def test_bayesian_vpc_intervals_include_parameter_uncertainty(bayes_fit):
 
 
 def test_posterior_predictive_aligns_with_to_arviz(bayes_fit):
-    from nlmegen.simulate import posterior_predictive
+    from nlmegen._simulate import posterior_predictive
 
     pp = posterior_predictive(bayes_fit, key=jax.random.key(0), noise=False)
     assert pp["DV"].dims == ("chain", "draw", "obs") and pp["DV"].shape == (1, 3, bayes_fit.n_obs)

@@ -37,7 +37,7 @@ import pandas as pd
 
 import nlmegen
 from nlmegen import examples_sciml as sx
-from nlmegen.simulate import model_values
+from nlmegen._simulate import model_values
 
 SMALL = os.environ.get("NLMEGEN_TUTORIAL_SMALL") == "1"  # the test suite runs this file at a small size
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path("tutorials").resolve()

@@ -214,7 +214,7 @@ two_stage_values = {"sigma": fits["gaussian"].params["sigma"]} | nlmegen.flow_va
 # ``pop`` (batch shape ``[subj]`` when it depends on covariates).
 
 # %%
-model_values = __import__("nlmegen.simulate", fromlist=["model_values"]).model_values
+from nlmegen._simulate import model_values  # noqa: E402 (a notebook cell)
 
 
 def values_of(name):

@@ -39,8 +39,8 @@ import pandas as pd
 from flax import nnx
 
 import nlmegen
+from nlmegen._simulate import model_values
 from nlmegen.examples import IDR_TRUTH, idr_model, idr_nn_model, idr_population
-from nlmegen.simulate import model_values
 
 SMALL = os.environ.get("NLMEGEN_TUTORIAL_SMALL") == "1"  # the test suite runs this file at a small size
 N_TRAIN, N_TEST = (8, 4) if SMALL else (60, 30)

@@ -1,4 +1,4 @@
-"""Edits of a `Population` that return a new one: subsets and counterfactual regimens."""
+"""Edits of a `Population` that return a new one: subsets, counterfactual regimens, new DV values."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pandas as pd
 from .._errors import DataError
 from ._write import _role_names
 
-__all__ = ["subset", "with_regimen"]
+__all__ = ["subset", "with_dv", "with_regimen"]
 
 _DOSE_ROLES = ("ID", "TIME", "AMT", "CMT", "RATE", "II", "ADDL", "SS")
 
@@ -83,4 +83,33 @@ def with_regimen(pop, doses: Any, *, ids: Sequence[Any] | None = None):
     merged = merged.fillna({c: 0 for c in (names["AMT"], names["RATE"], names["II"], names["SS"], names["ADDL"],
                                          names["CMT"]) if c in merged.columns})
     return read_nonmem(merged.reset_index(drop=True), interpolation=dict(pop.interpolation),
-                       covariates=list(pop.cov_values), allow_missing_dv=True)
+                       covariates=list(pop.cov_values), allow_missing_dv=True, units=dict(pop.units))
+
+
+def with_dv(pop, values: Any):
+    """The population with ``values`` (``[subj, obs]``) as the DV of its observation records.
+
+    Records with a lower limit of quantification (an LLOQ) whose value falls below it become
+    left-censored (the M3 likelihood uses the limit), the others observed; records marked
+    right-censored stay so when the value lies above their limit. ``dv_missing`` is cleared.
+    """
+    values = np.asarray(values, dtype=float)
+    mask = np.asarray(pop.mask)
+    if values.shape != mask.shape:
+        raise ValueError(f"with_dv: values have shape {values.shape}, the population's observations {mask.shape}")
+    bad = mask & ~np.isfinite(values)
+    if bad.any():
+        subj, obs = np.nonzero(bad)
+        where = ", ".join(f"ID {pop.ids[i]} TIME {float(pop.times[i, j]):g}" for i, j in zip(subj[:5], obs[:5],
+                                                                                             strict=True))
+        raise DataError(f"with_dv: {int(bad.sum())} observation record(s) get a non-finite value ({where}"
+                        f"{' ...' if bad.sum() > 5 else ''})")
+    cens, limit = np.asarray(pop.cens), np.asarray(pop.limit)
+    lower = np.isfinite(limit) & (cens >= 0)
+    new_cens = np.where(lower & (values < limit), 1, np.where((cens == -1) & (values > limit), -1, 0))
+    new_cens = np.where(mask, new_cens, 0)
+    dv = np.where(mask & (new_cens == 0), values, 0.0)  # 0 where padded or censored (the limit is what counts)
+    features = (set(pop.features) - {"censoring"}) | ({"censoring"} if (new_cens != 0).any() else set())
+    return dataclasses.replace(pop, dv=jnp.asarray(dv, dtype=pop.dv.dtype),
+                               cens=jnp.asarray(new_cens, dtype=pop.cens.dtype), features=frozenset(features),
+                               dv_missing=None)

@@ -96,6 +96,9 @@ class Population(eqx.Module):
         True on observation records read without a DV (``read_nonmem(..., allow_missing_dv=True)``,
         for simulation designs); their ``dv`` is 0. None when every observation has its value.
         Fitting refuses a population with missing DVs (see :func:`nlmegen.data.check_observed`).
+    units : tuple of (name, unit)
+        Units of roles (``TIME``, ``DV``, ``AMT``), outputs and covariates (static), for plot axes;
+        from ``read_nonmem(..., units=)`` or the table's ``attrs["units"]``.
     """
 
     times: Float[Array, "subj obs"]
@@ -132,6 +135,7 @@ class Population(eqx.Module):
     columns: tuple = eqx.field(static=True, default=())
     features: frozenset = eqx.field(static=True, default=ALL_FEATURES)
     dv_missing: Bool[Array, "subj obs"] | None = None
+    units: tuple = eqx.field(static=True, default=())
 
     # ------------------------------------------------------------------ sizes and look-ups
     @property
@@ -229,6 +233,13 @@ class Population(eqx.Module):
         from ._edit import with_regimen
 
         return with_regimen(self, doses, ids=ids)
+
+    def with_dv(self, values: Any) -> Population:
+        """This population with ``values`` (``[subj, obs]``) as the DV of its observation records
+        (below an LLOQ: left-censored); what ``nlmegen.simulate(..., as_population=True)`` returns."""
+        from ._edit import with_dv
+
+        return with_dv(self, values)
 
     def check_observed(self) -> None:
         """Raise `DataError` naming observation records without a DV (read with ``allow_missing_dv``):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,6 +13,7 @@ import pandas as pd
 
 from .._errors import DataError
 from ._population import Population
+from ._units import normalise_units
 from ._validate import Locator, TableRoles, _check_finite, _parse_numbers, _text, assign_roles, validate
 
 __all__ = ["read_nonmem"]
@@ -27,6 +29,7 @@ def read_nonmem(
     allow_missing_dv: bool = False,
     require_observations: bool = False,
     allow_sentinel_dv: bool = False,
+    units: Mapping[str, str] | None = None,
 ) -> Population:
     """Read a NONMEM-style event table into a padded, masked :class:`Population`.
 
@@ -51,6 +54,10 @@ def read_nonmem(
     allow_sentinel_dv
         Accept a DV of -99, -999, -9999 or -99999 on an observation record as a measured value
         (by default it is refused as a missing-value code).
+    units
+        Units of the columns, outputs and covariates (``{"TIME": "h", "DV": "mg/L", "WT": "kg"}``;
+        one DV unit per output name for several outputs), kept in ``pop.units`` for plot labels.
+        Default: ``source.attrs["units"]`` of a DataFrame (the bundled data sets carry them).
 
     Returns
     -------
@@ -104,7 +111,12 @@ def read_nonmem(
     records = _fill_covariates(records, roles.covariates, rules, where)
     if require_observations:
         _require_observations(records, where)
-    return _build(records, roles, rules, categories, tuple(str(c) for c in table.columns))
+    pop = _build(records, roles, rules, categories, tuple(str(c) for c in table.columns))
+    if units is None and isinstance(source, pd.DataFrame):
+        units = source.attrs.get("units")
+    if units:
+        pop = dataclasses.replace(pop, units=normalise_units(units, pop.columns, pop.outputs, roles.covariates))
+    return pop
 
 
 def _load(source: Any) -> tuple[pd.DataFrame, str | None]:

@@ -103,9 +103,9 @@ def prediction_curves(fit, ids=None, *, n_points: int = 200) -> pd.DataFrame:
     pandas.DataFrame
         ``ID, TIME, output, IPRED, PRED``, sorted by subject (in the order of ``ids``) then time.
     """
+    from .._simulate import ebe_values, model_values, simulate_batched
     from ..data import read_nonmem
     from ..model import discover
-    from ..simulate import ebe_values, model_values, simulate_batched
 
     fit.require_model("prediction curves (plot_individuals)")
     ids = list(fit.pop.ids) if ids is None else list(ids)

@@ -33,8 +33,8 @@ def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
 
 def _linearisation(fit, pop):
     """f, V and G = df/d eta at the EBEs, and Omega, from the fit's model (Gaussian residuals)."""
+    from .._simulate import ebe_values
     from ..infer.laplace.objective import Objective, _value_and_columns
-    from ..simulate import ebe_values
 
     density = Density(fit.model, discover(fit.model, pop))
     objective = Objective(density, "focei")
@@ -116,7 +116,7 @@ def residuals(fit, *, n_sim: int = 1000, key: jax.Array | None = None) -> pd.Dat
         One row per observation: ``ID, TIME, output, DV, PRED, IPRED, RES, IWRES, CWRES, NPDE``
         (CWRES and IWRES need Gaussian residual errors; NaN otherwise).
     """
-    from ..simulate import model_values, simulate_arrays
+    from .._simulate import model_values, simulate_arrays
 
     fit.require_model("residuals")
     pop = fit.pop

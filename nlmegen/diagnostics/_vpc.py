@@ -35,15 +35,17 @@ class VPC:
     edges: dict = field(default_factory=dict)  # (stratum, output) -> bin edges on the x axis
     n_sim: int = 0
     bins: str = ""  # how the bins were made, for the figure's note
+    units: dict = field(default_factory=dict)  # the data's units (Population.units), for the axis labels
 
     def plot(self, *, log_y: bool = False, axes: Any = None, units: dict | None = None) -> Any:
         """The classic VPC figure: one panel per stratum and output (see `nlmegen.diagnostics._vpc_plot`).
 
-        ``units``: ``{"time": "h", "DV": "mg/L"}`` (or one DV unit per output name) for the axis labels.
+        Axis units come from the data (``pop.units``); ``units`` (``{"TIME": "h", "DV": "mg/L"}``, or one
+        DV unit per output name) adds to or overrides them.
         """
         from ._vpc_plot import plot_vpc
 
-        return plot_vpc(self, log_y=log_y, axes=axes, units=units)
+        return plot_vpc(self, log_y=log_y, axes=axes, units={**self.units, **(units or {})})
 
 
 def _cluster_edges(x: np.ndarray, n_bins: int) -> np.ndarray:
@@ -151,7 +153,7 @@ def vpc(
 
     For a Bayesian fit (posterior ``draws``) replicate ``k`` is simulated at the population
     parameters of one posterior draw (``n_sim`` draws evenly spaced over the chains, see
-    `nlmegen.simulate.draw_indices`), so the intervals include parameter uncertainty; pass
+    `nlmegen._simulate.draw_indices`), so the intervals include parameter uncertainty; pass
     ``params`` to simulate at fixed values instead.
 
     Returns
@@ -161,7 +163,7 @@ def vpc(
         ``sim_lower``, ``sim_median``, ``sim_upper``; ``.blq``: observed and simulated fractions
         below LLOQ; ``.plot()``.
     """
-    from ..simulate import _simulate_values, model_values, simulate_arrays
+    from .._simulate import _simulate_values, model_values, simulate_arrays
 
     if x not in ("time", "tad"):
         raise ValueError(f"x must be 'time' or 'tad', not {x!r}")
@@ -208,15 +210,15 @@ def vpc(
                                  "sim_upper": np.quantile(frac, (1 + ci) / 2)})
     how = bins if isinstance(bins, str) else ("clusters" if np.isscalar(bins) else "explicit edges")
     return VPC(pd.DataFrame(rows), pd.DataFrame(blq_rows), observed, tuple(quantiles), ci, pred_corrected, xcol,
-               all_edges, int(n_sim), str(how))
+               all_edges, int(n_sim), str(how), dict(pop.units))
 
 
 def _typical_prediction(model, params, pop) -> np.ndarray:
     """PRED: the model's mean prediction with random effects at zero, ``[subj, obs]``."""
     import jax.numpy as jnp
 
+    from .._simulate import simulate_arrays
     from ..model import discover
-    from ..simulate import simulate_arrays
 
     zeros = {s.name: jnp.zeros((pop.n_subjects, *s.shape)) for s in discover(model, pop).random_effects}
     return simulate_arrays(model, {**params, **zeros}, pop, key=jax.random.key(0), noise=False)[0]

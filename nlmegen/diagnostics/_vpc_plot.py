@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ._labels import axis_label
+
 __all__ = ["plot_vpc"]
 
 
@@ -27,12 +29,6 @@ def _floor(observed, log_y: bool) -> float:
         positive = dv[np.isfinite(dv) & (dv > 0)]
         floor = max(floor, float(positive.min()) / 2 if positive.size else 1e-3)
     return floor
-
-
-def _label(base: str, units: dict | None, key: str, output: Any = None) -> str:
-    units = units or {}
-    unit = units.get(str(output)) if output is not None and str(output) in units else units.get(key)
-    return f"{base} ({unit})" if unit else base
 
 
 def _legend(result, median_q) -> tuple[list, list]:
@@ -65,7 +61,8 @@ def plot_vpc(result, *, log_y: bool = False, axes: Any = None, units: dict | Non
         fig = axes.flat[0].figure
     median_q = min(result.quantiles, key=lambda q: abs(q - 0.5))
     xcol = getattr(result, "x", "TIME")
-    xlabel = _label("time after dose" if xcol == "TAD" else "time", units, "time")
+    units = units or {}
+    xlabel = axis_label("TAD" if xcol == "TAD" else "TIME", units)
     for ax, ((stratum, output), table) in zip(axes.flat, panels, strict=False):
         obs = result.observed[(result.observed["stratum"] == stratum) & (result.observed["output"] == output)]
         floor = _floor(obs, log_y) if not result.pred_corrected or log_y else -np.inf
@@ -85,9 +82,8 @@ def plot_vpc(result, *, log_y: bool = False, axes: Any = None, units: dict | Non
         for edge in getattr(result, "edges", {}).get((stratum, output), []):
             ax.axvline(edge, ymin=0.0, ymax=0.025, color="0.2", lw=1.0)
         title = output if stratum == "all" else f"{output}, {stratum}"
-        ylabel = "prediction-corrected DV" if result.pred_corrected else "DV"
-        ax.set(title=("pcVPC: " if result.pred_corrected else "VPC: ") + str(title), xlabel=xlabel,
-               ylabel=_label(ylabel, units, "DV", output))
+        ylabel = axis_label("DV", units, output, text="prediction-corrected DV" if result.pred_corrected else "DV")
+        ax.set(title=("pcVPC: " if result.pred_corrected else "VPC: ") + str(title), xlabel=xlabel, ylabel=ylabel)
         if log_y:
             ax.set_yscale("log")
         if np.isfinite(floor):

@@ -1,11 +1,14 @@
 """Goodness-of-fit plots of a fit (matplotlib, imported only when a plot is drawn).
 
-- :func:`gof`: the six standard panels (DV vs PRED/IPRED, CWRES vs TIME/PRED, IWRES vs IPRED,
-  NPDE QQ plot).
+- :func:`gof`: the standard panels (DV vs PRED/IPRED, NPDE QQ plot, CWRES vs TIME/PRED, IWRES and
+  |IWRES| vs IPRED, NPDE vs TIME/PRED), with LOWESS smooths.
 - :func:`plot_individuals`: observations with IPRED and PRED curves, one panel per subject.
 - :func:`plot_random_effects`: EBE histograms (with the fitted N(0, omega^2) where known) and
-  EBEs against constant covariates.
+  EBEs (ETAs) against constant covariates.
 
+Every axis is labelled with its NONMEM name and the data's unit (`nlmegen.diagnostics._labels`).
+Smooths are LOWESS (Cleveland 1979, JASA 74:829-836; statsmodels' implementation, span 2/3 and
+three robustifying iterations, the defaults of R's ``lowess`` that xpose's smooths follow).
 Every function returns the matplotlib ``Figure``; none calls ``plt.show()`` or picks a backend.
 """
 
@@ -18,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ._gof import gof_table, prediction_curves
+from ._labels import axis_label, plot_units
 
 __all__ = ["gof", "plot_individuals", "plot_random_effects"]
 
@@ -44,7 +48,7 @@ def _axes(axes, nrows: int, ncols: int, size: tuple[float, float], **kwargs):
 
 
 def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3, linewidth=0.6)
@@ -56,16 +60,25 @@ def _colours(outputs: Sequence) -> dict:
     return {o: cycle[i % len(cycle)] for i, o in enumerate(outputs)}
 
 
-def _running_median(x: np.ndarray, y: np.ndarray, frac: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """A LOWESS-like smooth: the running median of ``y`` over the ``frac`` nearest ranks of ``x``."""
+def _lowess(x: np.ndarray, y: np.ndarray, frac: float = 2.0 / 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """LOWESS smooth of ``y`` on ``x`` (statsmodels; see the module docstring), sorted by ``x``.
+
+    Fewer than 5 finite points, or fewer than 3 distinct ``x``: no smooth (empty arrays).
+    """
+    from statsmodels.nonparametric.smoothers_lowess import lowess
+
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
-    if x.size < 5:
+    if x.size < 5 or np.unique(x).size < 3:
         return np.zeros(0), np.zeros(0)
-    order = np.argsort(x, kind="stable")
-    window = max(3, int(frac * x.size))
-    med = pd.Series(y[order]).rolling(window, center=True, min_periods=max(2, window // 2)).median()
-    return x[order], med.to_numpy()
+    fitted = lowess(y, x, frac=frac, it=3, return_sorted=True)
+    return fitted[:, 0], fitted[:, 1]
+
+
+def _smooth(ax, x: np.ndarray, y: np.ndarray, **kwargs) -> None:
+    sx, sy = _lowess(np.asarray(x, float), np.asarray(y, float), **kwargs)
+    if sx.size:
+        ax.plot(sx, sy, color="crimson", linewidth=1.3, alpha=0.85, label="_LOWESS")
 
 
 def _scatter_by_output(ax, table: pd.DataFrame, x: str, y: str, colours: dict, labels: bool) -> None:
@@ -74,7 +87,7 @@ def _scatter_by_output(ax, table: pd.DataFrame, x: str, y: str, colours: dict, l
                    label=str(out) if labels else None, **_POINT)
 
 
-def _identity_panel(ax, table, x, colours, labels, log: bool) -> None:
+def _identity_panel(ax, table, x, colours, labels, log: bool, units: dict) -> None:
     _scatter_by_output(ax, table, x, "DV", colours, labels)
     values = table[[x, "DV"]].to_numpy(float).ravel()
     values = values[np.isfinite(values) & ((values > 0) if log else True)]
@@ -91,30 +104,69 @@ def _identity_panel(ax, table, x, colours, labels, log: bool) -> None:
         ax.plot([lo, hi], [lo, hi], color="0.3", linewidth=1, zorder=0)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
+    _smooth(ax, table[x].to_numpy(float), table["DV"].to_numpy(float))
     ax.set_aspect("equal", adjustable="box")
-    _style(ax, f"DV vs {x}", x, "DV")
+    output = _single_output(table)
+    _style(ax, f"DV vs {x}", axis_label(x, units, output), axis_label("DV", units, output))
 
 
-def _residual_panel(ax, table, x, y, colours, labels, *, log_x: bool = False) -> None:
-    _scatter_by_output(ax, table, x, y, colours, labels)
-    ax.axhline(0.0, color="0.3", linewidth=1, zorder=0)
-    for level in (-2.0, 2.0):
-        ax.axhline(level, color="0.5", linewidth=0.8, linestyle="--", zorder=0)
-    sx, sy = _running_median(table[x].to_numpy(float), table[y].to_numpy(float))
-    if sx.size:
-        ax.plot(sx, sy, color="crimson", linewidth=1.2, alpha=0.8)
+def _single_output(table: pd.DataFrame):
+    """The output of a one-output table (its DV unit labels the axes), else None (the DV unit, if any)."""
+    outputs = pd.unique(table["output"])
+    return outputs[0] if len(outputs) == 1 else None
+
+
+def _residual_panel(ax, table, x, y, colours, labels, units: dict, *, log_x: bool = False,
+                    absolute: bool = False) -> None:
+    """``y`` (or ``|y|``) against ``x``: reference lines at 0 and +/-2 (|y|: none), LOWESS smooth."""
+    values = table[y].to_numpy(float)
+    shown = table.assign(**{y: np.abs(values)}) if absolute else table
+    _scatter_by_output(ax, shown, x, y, colours, labels)
+    if not absolute:
+        ax.axhline(0.0, color="0.3", linewidth=1, zorder=0)
+        for level in (-2.0, 2.0):
+            ax.axhline(level, color="0.5", linewidth=0.8, linestyle="--", zorder=0)
+    else:
+        ax.set_ylim(bottom=0.0)
+    _smooth(ax, table[x].to_numpy(float), np.abs(values) if absolute else values)
     if log_x:
         ax.set_xscale("log")
-    _style(ax, f"{y} vs {x}", x, y)
+    name = f"|{y}|" if absolute else y
+    _style(ax, f"{name} vs {x}", axis_label(x, units, _single_output(table)), name)
+
+
+def _qq_panel(ax, table, colours, labels) -> None:
+    from scipy.special import ndtri
+
+    for out, part in table.groupby("output", sort=False):
+        npde = np.sort(part["NPDE"].to_numpy(float))
+        npde = npde[np.isfinite(npde)]
+        theory = ndtri((np.arange(1, npde.size + 1) - 0.5) / max(npde.size, 1))
+        ax.scatter(theory, npde, color=colours[out], label=str(out) if labels else None, **_POINT)
+    finite = table["NPDE"].to_numpy(float)
+    finite = finite[np.isfinite(finite)]
+    lim = max(3.0, float(np.abs(finite).max()) + 0.2) if finite.size else 3.0
+    ax.plot([-lim, lim], [-lim, lim], color="0.3", linewidth=1, zorder=0)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal", adjustable="box")
+    _style(ax, "NPDE QQ plot", "N(0, 1) quantiles", "NPDE")
+
+
+#: The panels of :func:`gof`, in order (row-major on a 3 x 3 grid).
+GOF_PANELS = ("DV vs PRED", "DV vs IPRED", "NPDE QQ plot", "CWRES vs TIME", "CWRES vs PRED", "IWRES vs IPRED",
+              "|IWRES| vs IPRED", "NPDE vs TIME", "NPDE vs PRED")
 
 
 def gof(fit, *, log: bool = False, n_sim: int = 500, key: Any = None, table: pd.DataFrame | None = None,
-        axes: Any = None):
-    """Six goodness-of-fit panels of a fit.
+        axes: Any = None, units: dict | None = None):
+    """The standard goodness-of-fit panels of a fit (:data:`GOF_PANELS`, 3 x 3).
 
-    Top row: DV vs PRED, DV vs IPRED (identity line, equal limits), CWRES vs TIME. Bottom row:
-    CWRES vs PRED, IWRES vs IPRED (zero and +/-2 lines, running-median smooth), and the QQ plot
-    of NPDE against N(0, 1). Points are coloured by output when the fit has several.
+    Row 1: DV vs PRED and DV vs IPRED (identity line, equal limits), the NPDE QQ plot against
+    N(0, 1). Row 2: CWRES vs TIME and PRED, IWRES vs IPRED (zero and +/-2 lines). Row 3: |IWRES| vs
+    IPRED (a trend shows a misspecified residual error model), NPDE vs TIME and PRED (Brendel et
+    al. 2006). Every scatter has a LOWESS smooth (see the module docstring). Points are coloured by
+    output when the fit has several. ETAs against covariates: :func:`plot_random_effects`.
 
     Parameters
     ----------
@@ -127,7 +179,10 @@ def gof(fit, *, log: bool = False, n_sim: int = 500, key: Any = None, table: pd.
     table
         A residual table from :func:`gof_table` / :func:`nlmegen.diagnostics.residuals`.
     axes
-        Six matplotlib axes to draw into (default: a new 2 x 3 figure).
+        Nine matplotlib axes to draw into (default: a new 3 x 3 figure).
+    units
+        Units for the axis labels (``{"TIME": "h", "DV": "mg/L"}`` or per output name), added to the
+        data's own (``fit.pop.units``).
 
     Returns
     -------
@@ -135,39 +190,28 @@ def gof(fit, *, log: bool = False, n_sim: int = 500, key: Any = None, table: pd.
     """
     if table is None:
         table = gof_table(fit, n_sim=n_sim, key=key)
+    units = plot_units(fit, units)
     outputs = list(pd.unique(table["output"]))
     colours = _colours(outputs)
     labels = len(outputs) > 1
-    fig, ax = _axes(axes, 2, 3, (3.6, 3.3))
-    _identity_panel(ax[0], table, "PRED", colours, labels, log)
-    _identity_panel(ax[1], table, "IPRED", colours, labels, log)
-    _residual_panel(ax[2], table, "TIME", "CWRES", colours, labels)
-    _residual_panel(ax[3], table, "PRED", "CWRES", colours, labels, log_x=log)
-    _residual_panel(ax[4], table, "IPRED", "IWRES", colours, labels, log_x=log)
-
-    from scipy.special import ndtri
-
-    qq = ax[5]
-    for out, part in table.groupby("output", sort=False):
-        npde = np.sort(part["NPDE"].to_numpy(float))
-        npde = npde[np.isfinite(npde)]
-        theory = ndtri((np.arange(1, npde.size + 1) - 0.5) / max(npde.size, 1))
-        qq.scatter(theory, npde, color=colours[out], label=str(out) if labels else None, **_POINT)
-    finite = table["NPDE"].to_numpy(float)
-    finite = finite[np.isfinite(finite)]
-    lim = max(3.0, float(np.abs(finite).max()) + 0.2) if finite.size else 3.0
-    qq.plot([-lim, lim], [-lim, lim], color="0.3", linewidth=1, zorder=0)
-    qq.set_xlim(-lim, lim)
-    qq.set_ylim(-lim, lim)
-    qq.set_aspect("equal", adjustable="box")
-    _style(qq, "NPDE QQ plot", "N(0, 1) quantiles", "NPDE")
+    fig, ax = _axes(axes, 3, 3, (3.6, 3.3))
+    _identity_panel(ax[0], table, "PRED", colours, labels, log, units)
+    _identity_panel(ax[1], table, "IPRED", colours, labels, log, units)
+    _qq_panel(ax[2], table, colours, labels)
+    _residual_panel(ax[3], table, "TIME", "CWRES", colours, labels, units)
+    _residual_panel(ax[4], table, "PRED", "CWRES", colours, labels, units, log_x=log)
+    _residual_panel(ax[5], table, "IPRED", "IWRES", colours, labels, units, log_x=log)
+    _residual_panel(ax[6], table, "IPRED", "IWRES", colours, labels, units, log_x=log, absolute=True)
+    _residual_panel(ax[7], table, "TIME", "NPDE", colours, labels, units)
+    _residual_panel(ax[8], table, "PRED", "NPDE", colours, labels, units, log_x=log)
     if labels:
         ax[0].legend(title="output", fontsize=8, title_fontsize=8, markerscale=1.5, frameon=False)
     return fig
 
 
 def plot_individuals(fit, ids: Sequence | None = None, *, n_points: int = 200, ncols: int = 4, log: bool = False,
-                     axes: Any = None, output: str | None = None, curves: pd.DataFrame | None = None):
+                     axes: Any = None, output: str | None = None, curves: pd.DataFrame | None = None,
+                     units: dict | None = None):
     """Observations, IPRED and PRED curves of individual subjects, one panel each.
 
     The curves are simulated without residual noise on ``n_points`` times from 0 to each
@@ -193,6 +237,8 @@ def plot_individuals(fit, ids: Sequence | None = None, *, n_points: int = 200, n
     curves
         Precomputed :func:`nlmegen.diagnostics._gof.prediction_curves` of these subjects (saves the
         simulation when one figure draws several outputs).
+    units
+        Units for the axis labels, added to the data's own (``fit.pop.units``).
 
     Returns
     -------
@@ -207,6 +253,8 @@ def plot_individuals(fit, ids: Sequence | None = None, *, n_points: int = 200, n
         raise ValueError(f"output {output!r} is not one of the fit's outputs {list(fit.outputs)}")
     outputs = list(fit.outputs) if output is None else [output]
     labels = len(outputs) > 1
+    units = plot_units(fit, units)
+    ylabel = axis_label("DV", units, outputs[0] if len(outputs) == 1 else None)
     ncols = max(1, min(ncols, len(ids)))
     nrows = -(-len(ids) // ncols)
     if axes is None:
@@ -233,14 +281,15 @@ def plot_individuals(fit, ids: Sequence | None = None, *, n_points: int = 200, n
                    alpha=0.8, label=f"PRED{suffix}")
         if log:
             a.set_yscale("log")
-        _style(a, f"ID {sid}" if output is None else f"ID {sid}: {output}", "TIME", "DV")
+        _style(a, f"ID {sid}" if output is None else f"ID {sid}: {output}", axis_label("TIME", units), ylabel)
     if ids:
         ax[0].legend(fontsize=7, frameon=False)
     return fig
 
 
-def plot_random_effects(fit, *, covariates: bool | Sequence[str] | None = None, bins: int = 15, axes: Any = None):
-    """Histograms of the EBEs, and EBEs against constant covariates.
+def plot_random_effects(fit, *, covariates: bool | Sequence[str] | None = None, bins: int = 15, axes: Any = None,
+                        units: dict | None = None):
+    """Histograms of the EBEs, and EBEs (ETAs) against constant covariates (with LOWESS smooths).
 
     The fitted density ``N(0, omega_j^2)`` is drawn over the histogram of column ``j`` when the
     fit has a parameter ``omega`` with one entry per EBE column (the usual diagonal-Omega
@@ -257,6 +306,8 @@ def plot_random_effects(fit, *, covariates: bool | Sequence[str] | None = None, 
         Histogram bins.
     axes
         Matplotlib axes to draw into (``n_eta * (1 + n_covariates)``, row-major; default: new).
+    units
+        Units of the covariates for the axis labels, added to the data's own (``fit.pop.units``).
 
     Returns
     -------
@@ -301,6 +352,7 @@ def plot_random_effects(fit, *, covariates: bool | Sequence[str] | None = None, 
         position = {sid: i for i, sid in enumerate(fit.pop.ids)}
         rows = np.array([position[sid] for sid in ebes.index])
         cats = dict(fit.pop.categories)
+        units = plot_units(fit, units)
         for r, name in enumerate(names, start=1):
             cov = np.asarray(fit.pop.covariates[name], float)[rows]
             for j, col in enumerate(columns):
@@ -310,9 +362,7 @@ def plot_random_effects(fit, *, covariates: bool | Sequence[str] | None = None, 
                 a.axhline(0.0, color="0.3", linewidth=0.8, zorder=0)
                 if name in cats:
                     a.set_xticks(range(len(cats[name])), [str(c) for c in cats[name]])
-                elif cov.size >= 20:
-                    sx, sy = _running_median(cov, y, frac=0.3)
-                    if sx.size:
-                        a.plot(sx, sy, color="crimson", linewidth=1.2, alpha=0.8)
-                _style(a, f"{col} vs {name}", name, col)
+                else:
+                    _smooth(a, cov, y)
+                _style(a, f"{col} vs {name}", axis_label(name, units), col)
     return fig

@@ -217,8 +217,8 @@ _DESCRIPTIONS = {
 def _log_likelihood(fit: FitResult, posterior: dict) -> np.ndarray:
     """``[chain, draw, obs]`` pointwise log-likelihood of the real observations at every draw,
     conditional on each draw's random effects."""
+    from .._simulate import model_values
     from ..infer.shared.pointwise import pointwise_log_likelihood
-    from ..simulate import model_values
 
     lead = next(iter(posterior.values())).shape[:2]
     held = model_values(fit)  # network weights as the pytree the model takes (constant over ML draws)
@@ -278,7 +278,7 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
         informed by few records).
     - ``posterior_predictive``: ``DV`` simulated from the model at every draw (its own random
       effects for each fitted subject, plus residual error), dims ``(chain, draw, obs)`` aligned
-      with ``observed_data`` (`nlmegen.simulate.posterior_predictive`); for every fit holding its
+      with ``observed_data`` (`nlmegen.posterior_predictive`); for every fit holding its
       model and data unless ``posterior_predictive=False``.
     - ``observed_data``: ``DV`` over the real observations (dim ``obs``, subjects in order, padding
       dropped) with coordinates ``ID``, ``TIME`` and ``output``.
@@ -341,7 +341,7 @@ def to_arviz(fit: FitResult, n_draws: int = 1000, seed: int = 0, *, log_likeliho
     if posterior_predictive and has_model:
         import jax
 
-        from ..simulate import posterior_predictive as _simulate_predictive
+        from .._simulate import posterior_predictive as _simulate_predictive
 
         network = [s for s in fit.params if s not in fit.transforms and s not in fit.fixed]  # flat weights
         drawn = {k: v for k, v in posterior.items() if k not in network or fit.draws is not None}

@@ -156,6 +156,7 @@ def _meta(fit: FitResult, frames: dict, natural_attrs: dict | None) -> dict:
     meta["natural_attrs"] = natural_attrs
     meta["model_ref"] = _model_ref(fit.model) if fit.model is not None else fit.tables.get("model_ref")
     meta["nlmegen_version"] = __version__
+    meta["units"] = dict(fit.pop.units) if fit.pop is not None else {}
     return meta
 
 
@@ -400,7 +401,7 @@ def _attach(fit: FitResult, tree: Any, meta: dict, model: Any, pop: Any) -> None
         from ..data import read_nonmem
 
         try:
-            pop = read_nonmem(fit.tables["event_table"])
+            pop = read_nonmem(fit.tables["event_table"], units=meta.get("units") or None)
         except Exception:  # noqa: BLE001 - the stored result stays usable without its data
             pop = None
     object.__setattr__(fit, "model", model if model is not None else _import_model(meta.get("model_ref")))

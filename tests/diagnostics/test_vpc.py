@@ -120,7 +120,7 @@ def test_tad_binning(key):
         assert row["observed"] == pytest.approx(obs.loc[bins == b, "DV"].quantile(q), rel=1e-12), (b, q)
         assert row["x"] == pytest.approx(obs.loc[bins == b, "TAD"].median())
     fig = result.plot()
-    assert fig.axes[0].get_xlabel() == "time after dose"
+    assert fig.axes[0].get_xlabel() == "TAD (h)"  # theo_md's units (h), NONMEM's names
     with pytest.raises(ValueError, match="'time' or 'tad'"):
         nlmegen.vpc(None, pop, model=nlmegen.examples.theo_model, params=params, n_sim=2, x="dose")
 

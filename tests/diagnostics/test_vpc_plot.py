@@ -28,10 +28,10 @@ def _ribbon_ys(ax):
 def test_ribbons_are_censored_at_zero(check):
     raw = check.table["sim_lower"].min()
     assert raw < 0  # additive error: simulated 5th percentiles below zero exist in the table
-    fig = check.plot(units={"time": "h", "DV": "mg/L"})
+    fig = check.plot(units={"time": "h", "DV": "mg/L"})  # given (any case), or from the data's own units
     ax = fig.axes[0]
     assert _ribbon_ys(ax).min() >= 0.0 and ax.get_ylim()[0] == 0.0
-    assert ax.get_xlabel() == "time (h)" and ax.get_ylabel() == "DV (mg/L)"
+    assert ax.get_xlabel() == "TIME (h)" and ax.get_ylabel() == "DV (mg/L)"
     edges = check.edges[("all", "DV")]
     ticks = [line for line in ax.lines if tuple(line.get_xdata()) in {(e, e) for e in edges}]
     assert len(ticks) == len(edges)

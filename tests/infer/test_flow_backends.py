@@ -11,16 +11,14 @@ spline flow; NUTS: covariate-dependent Gaussian; SVI: Bayesian spline flow). The
 runs the remaining backend x distribution pairs.
 """
 
-import importlib
-
 import _bimodal as B
 import jax
 import numpy as np
 import pytest
 
 import nlmegen
+from nlmegen._simulate import model_values
 
-model_values = importlib.import_module("nlmegen.simulate").model_values
 TOL = 0.1
 
 

@@ -66,6 +66,7 @@ def test_load_gives_everything_back(focei, loaded):
     assert natural.attrs["condition_number"] == pytest.approx(focei.condition_number)
     assert loaded.model is nlmegen.examples.theo_model  # importable by name: re-imported
     assert loaded.pop.n_subjects == 12 and np.array_equal(np.asarray(loaded.pop.dv), np.asarray(focei.pop.dv))
+    assert dict(loaded.pop.units) == {"AMT": "mg", "DV": "mg/L", "TIME": "h", "WT": "kg"}  # the axes' units
 
 
 def test_loaded_fit_runs_the_diagnostics(loaded, tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..shared import checkpoint
+from ..shared.progress import compiling
 
 __all__ = ["Draws", "sample"]
 
@@ -52,7 +53,10 @@ def sample(kernel, key, pop, *, num_warmup: int, num_samples: int, num_chains: i
            target_seconds: float = 0.5) -> Draws:
     """Warm-up and sampling of ``num_chains`` vectorised chains in short calls (see module docstring)."""
     keys = jax.random.split(key, num_chains) if num_chains > 1 else key
-    state = kernel.init(keys, num_warmup, init_params=None, model_args=(pop,), model_kwargs={})
+    start = time.perf_counter()
+    with compiling("the NUTS initialisation", progress):
+        state = kernel.init(keys, num_warmup, init_params=None, model_args=(pop,), model_kwargs={})
+    init_s = time.perf_counter() - start
     total = num_warmup + num_samples
     shapes = jax.eval_shape(lambda s: _fields(s, extra), state)
 
@@ -67,8 +71,9 @@ def sample(kernel, key, pop, *, num_warmup: int, num_samples: int, num_chains: i
         return jax.lax.fori_loop(0, n, body, (state, buffer))
 
     start = time.perf_counter()
-    compiled = jax.jit(run).lower(state, jnp.int32(1), pop).compile()
-    compile_s = time.perf_counter() - start
+    with compiling(f"the NUTS sampler ({num_chains} chain{'s' if num_chains > 1 else ''})", progress):
+        compiled = jax.jit(run).lower(state, jnp.int32(1), pop).compile()
+    compile_s = time.perf_counter() - start + init_s
     done, kept, stopped = 0, [], None
     saved = checkpoint.restored("nuts")
     if saved is not None:  # resume: the chains' state (adaptation, key) and the draws of the checkpoint

@@ -49,6 +49,7 @@ from ..laplace.backend import check_population
 from ..shared import checkpoint
 from ..shared.checks import check_fit
 from ..shared.draws import summarise_draws
+from ..shared.progress import compiling
 from ..shared.result import FitResult
 from ..shared.start import bayesian_inputs
 from .encoder import EncoderGuide, encoder_config, encoder_forward
@@ -269,7 +270,10 @@ class SVI:
     def _optimise(self, svi, pop, k_init, k_run):
         """Run ``num_steps`` steps in compiled chunks; returns (state, losses, compile_s, run_s)."""
         chunk = min(int(self.chunk_size), int(self.num_steps))
-        state = svi.init(k_init, pop)
+        start = time.perf_counter()
+        with compiling("the SVI initialisation", self.progress):
+            state = svi.init(k_init, pop)
+        init_s = time.perf_counter() - start
         state = state._replace(rng_key=k_run)
 
         def run_chunk(state, n, pop):
@@ -281,8 +285,9 @@ class SVI:
             return jax.lax.fori_loop(0, n, body, (state, jnp.full(chunk, jnp.nan)))
 
         start = time.perf_counter()
-        compiled = jax.jit(run_chunk).lower(state, jnp.int32(chunk), pop).compile()
-        compile_s = time.perf_counter() - start
+        with compiling(f"the SVI step ({chunk} per call)", self.progress):
+            compiled = jax.jit(run_chunk).lower(state, jnp.int32(chunk), pop).compile()
+        compile_s = time.perf_counter() - start + init_s
         losses = np.full(int(self.num_steps), np.nan)
         bar = _progress(self.progress, int(self.num_steps))
         start, done, stopped = time.perf_counter(), 0, False

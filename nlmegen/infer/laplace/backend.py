@@ -29,6 +29,7 @@ from ..shared import checkpoint
 from ..shared.checks import check_fit, ode_step_limit
 from ..shared.covariance import covariance_step, unidentified
 from ..shared.joint import AUTO_MANY_PARAMS, distribution_parameters, has_network_weights, joint_mode, joint_steps
+from ..shared.progress import compiling, ticker
 from ..shared.start import starting_point
 from .bfgs import BFGSState, bfgs, bhhh_inverse
 from .objective import LOG_2PI, Objective
@@ -209,6 +210,10 @@ class _Problem:
 
     def compile(self) -> float:
         """Compile the evaluation function once (cached across fits); return the seconds spent."""
+        with compiling(f"the {self.backend.method.upper()} objective and gradient", self.backend.progress):
+            return self._compile()
+
+    def _compile(self) -> float:
         start = time.perf_counter()
         self.engine = self.resolve_engine()
 
@@ -438,17 +443,19 @@ class _Problem:
         elif status != "failed" and x_hat.size:
             message = self.identifiability(x_hat, message)
         start = time.perf_counter()
-        cov = covariance_step(lambda x: self.evaluate(x)[1], self.subject_grads, x_hat, self.free_labels,
-                              self.backend.covariance if status not in ("failed", "interrupted") else "none")
-        self.warnings.extend(cov.warnings)
-        covariance_s = time.perf_counter() - start
-        if not np.array_equal(self.last_x, x_hat):  # the covariance step moved the EBEs: back to the estimate
-            ofv, grad, ebe = self.evaluate(x_hat)
-        return build_result(self, x_hat, ofv, ebe, status, message, cov,
-                            {"compile_s": compile_s, "run_s": run_s, "covariance_s": covariance_s,
-                             "n_evaluations": float(n_eval),
-                             **({"joint_s": self.joint["seconds"], "joint_steps": float(self.joint["steps"])}
-                                if self.joint else {})})
+        kind = self.backend.covariance if status not in ("failed", "interrupted") else "none"
+        with ticker(f"covariance step ({kind}) and result tables", "covariance step and tables done",
+                    self.backend.progress):
+            cov = covariance_step(lambda x: self.evaluate(x)[1], self.subject_grads, x_hat, self.free_labels, kind)
+            self.warnings.extend(cov.warnings)
+            covariance_s = time.perf_counter() - start
+            if not np.array_equal(self.last_x, x_hat):  # the covariance step moved the EBEs: back to the estimate
+                ofv, grad, ebe = self.evaluate(x_hat)
+            return build_result(self, x_hat, ofv, ebe, status, message, cov,
+                                {"compile_s": compile_s, "run_s": run_s, "covariance_s": covariance_s,
+                                 "n_evaluations": float(n_eval),
+                                 **({"joint_s": self.joint["seconds"], "joint_steps": float(self.joint["steps"])}
+                                    if self.joint else {})})
 
     def identifiability(self, x_hat: np.ndarray, message: str) -> str:
         """Name parameters the data cannot tell apart (whatever the covariance setting) in the message

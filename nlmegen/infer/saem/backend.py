@@ -74,6 +74,7 @@ from ..laplace.backend import check_population
 from ..shared import checkpoint
 from ..shared.checks import check_fit
 from ..shared.joint import joint_mode, joint_steps
+from ..shared.progress import compiling
 from ..shared.result import _positive_valued
 from ..shared.start import starting_point, theta_labels
 from .kernels import KERNELS, TARGET_ACCEPT, EState, adapt, hmc_step, nuts_step, rwm_step
@@ -571,7 +572,8 @@ class _SAEMProblem:
             return jax.lax.scan(body, carry, sched_chunk)
 
         start = time.perf_counter()
-        compiled = jax.jit(chunk_fn).lower(carry, sched_chunk, self.pop).compile()
+        with compiling(f"the SAEM iteration ({self.backend.chunk} per call)", self.backend.progress):
+            compiled = jax.jit(chunk_fn).lower(carry, sched_chunk, self.pop).compile()
         _CACHE[key] = compiled
         return compiled, time.perf_counter() - start
 

@@ -196,6 +196,7 @@ def simulate(
     noise: bool = True,
     posterior: bool = True,
     as_arviz: bool = False,
+    as_population: bool = False,
 ) -> pd.DataFrame | Any:
     """Simulate ``n`` replicates of the population's observations from ``model``.
 
@@ -213,6 +214,10 @@ def simulate(
     taken evenly spaced (:func:`draw_indices`; all draws in order when ``n`` is their number,
     cycled when ``n`` is larger). ``posterior=False`` simulates at the point estimates
     (``fit.params``, ``fit.ebes``) instead.
+
+    ``as_population=True`` returns ``pop`` with the simulated values as its DV (a design from
+    :func:`nlmegen.design` becomes a data set :func:`nlmegen.fit` takes; values below an LLOQ
+    become censored records): one `Population` for ``n=1``, a list of ``n`` otherwise.
 
     ``as_arviz=True`` returns :func:`posterior_predictive` instead of the frame: an
     ``xarray.Dataset`` with ``DV`` of dims ``(chain, draw, obs)`` (for Bayesian fits one
@@ -232,7 +237,14 @@ def simulate(
     >>> sims = nlmegen.simulate(nlmegen.examples.theo_model, theta, pop, key=jax.random.key(0), n=2)
     >>> sims.shape
     (264, 5)
+    >>> design = nlmegen.design(12, doses=nlmegen.regimen(320), times=[0.5, 1, 2, 4, 8, 12, 24])
+    >>> study = nlmegen.simulate(nlmegen.examples.theo_model, theta, design, key=jax.random.key(1),
+    ...                          as_population=True)
+    >>> study.dv_missing is None, study.n_observations
+    (True, 84)
     """
+    if as_arviz and as_population:
+        raise ValueError("simulate: ask for as_arviz or as_population, not both")
     if as_arviz:
         if isinstance(params_or_fit, Mapping):
             raise ValueError("as_arviz=True needs a FitResult (its posterior draws or estimates)")
@@ -240,6 +252,9 @@ def simulate(
                                     noise=noise, n=n, use_draws=posterior)
     value, pop = _simulate_values(model, params_or_fit, pop, key=key, n=n, individual=individual, noise=noise,
                                   posterior=posterior)
+    if as_population:
+        studies = [pop.with_dv(value[r]) for r in range(n)]
+        return studies[0] if n == 1 else studies
     mask, dvid = np.asarray(pop.mask), np.asarray(pop.dvid)
     subj, obs = np.nonzero(mask)
     frames = [pd.DataFrame({"replicate": r, "ID": np.asarray(pop.ids, dtype=object)[subj],
