@@ -44,6 +44,7 @@ _enable_compilation_cache()
 from . import datasets as datasets  # noqa: E402
 from . import diagnostics as diagnostics  # noqa: E402
 from . import examples as examples  # noqa: E402
+from . import parallel as parallel  # noqa: E402
 from ._errors import DataError as DataError  # noqa: E402
 from ._errors import ModelError as ModelError  # noqa: E402
 from .data import Population as Population  # noqa: E402
@@ -81,6 +82,9 @@ from .model._flows import flow_values as flow_values  # noqa: E402
 from .model._flows import spline_flow as spline_flow  # noqa: E402
 from .model._two_stage import eta_draws as eta_draws  # noqa: E402
 from .model._two_stage import fit_flow as fit_flow  # noqa: E402
+from .parallel import bootstrap as bootstrap  # noqa: E402
+from .parallel import multistart as multistart  # noqa: E402
+from .parallel import sir as sir  # noqa: E402
 from .simulate import posterior_predictive as posterior_predictive  # noqa: E402
 from .simulate import simulate as simulate  # noqa: E402
 from .simulate import simulate_arrays as simulate_arrays  # noqa: E402
@@ -93,3 +97,4 @@ __all__ = ["FO", "FOCE", "FOCEI", "NUTS", "SAEM", "SVI", "DataError", "FitResult
            "read_nonmem", "resume", "simulate", "simulate_arrays", "subjects", "vpc"]
 __all__ += ["CovariateGaussian", "FlowDistribution", "TextEmbedding", "eta_draws", "fit_flow", "flow", "flow_values",
             "plot_eta_by_covariate", "plot_eta_density", "spline_flow"]
+__all__ += ["bootstrap", "multistart", "parallel", "sir"]
