@@ -137,6 +137,10 @@ class SIRResult:
                  self.summary().to_string(float_format=lambda x: f"{x:.4g}"),
                  f"dOFV quantiles (chi-square df={self.df}):",
                  self.dofv_quantiles().to_string(float_format=lambda x: f"{x:.3g}")]
+        if last["ess"] < last["resamples"]:
+            lines.append(f"note: the effective sample size ({last['ess']:.0f}) is below the resamples "
+                         f"({int(last['resamples'])}): resampling without replacement then takes many vectors of "
+                         "small weight and leans on the proposal; use more samples, iterations or inflation")
         return "\n".join(lines)
 
 
