@@ -56,6 +56,28 @@ def _failure(err: BaseException, seconds: float) -> dict:
             "seconds": seconds}
 
 
+_MODELS: dict = {}
+
+
+def same_model(model):
+    """One function object per model *content* in this process.
+
+    A model defined in a script (``__main__``) or inside a function reaches a worker by value, a new
+    function object with every task; the backends cache compiled programs by the model object, so
+    each chunk would compile again. Models whose pickles are equal are the same model: the first one
+    seen stands for them all.
+    """
+    try:
+        import cloudpickle
+
+        blob = cloudpickle.dumps(model)
+    except Exception:  # noqa: BLE001 - unpicklable here: nothing to share, keep the object as it is
+        return model
+    if len(_MODELS) >= 32:
+        _MODELS.pop(next(iter(_MODELS)))
+    return _MODELS.setdefault(blob, model)
+
+
 def fit_chunk(model, pop, backend, jobs: list[dict], keep_results: bool = False) -> list[dict]:
     """Fit ``model`` once per job: ``{"index": subjects or None, "init": ..., "fixed": ..., "key": ...}``.
 
@@ -64,6 +86,7 @@ def fit_chunk(model, pop, backend, jobs: list[dict], keep_results: bool = False)
     """
     from ..infer._fit import fit
 
+    model = same_model(model)
     out = []
     for job in jobs:
         start = time.perf_counter()
@@ -119,7 +142,7 @@ def ofv_chunk(model, pop, backend, thetas: np.ndarray) -> tuple[np.ndarray, np.n
 
     Returns ``(ofv, converged)``: a non-finite OFV (the model fails there) comes back as NaN.
     """
-    compiled, n_eta = _ofv_function(model, pop, backend)
+    compiled, n_eta = _ofv_function(same_model(model), pop, backend)
     eta0 = jnp.zeros((pop.n_subjects, n_eta))
     ofv = np.full(len(thetas), np.nan)
     converged = np.zeros(len(thetas), bool)

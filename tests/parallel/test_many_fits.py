@@ -170,3 +170,22 @@ def test_sir_needs_a_covariance(theo_fit):
         nlmegen.sir(dataclasses.replace(theo_fit, covariance=None), samples=10, resamples=5)
     with pytest.raises(ValueError, match="must not exceed"):
         nlmegen.sir(theo_fit, samples=10, resamples=20)
+
+
+def test_a_model_sent_by_value_is_one_model_per_worker():
+    import pickle
+
+    import cloudpickle
+
+    from nlmegen.parallel._tasks import same_model
+
+    def make(scale):
+        def model(pop):
+            return scale * pop
+
+        return model
+
+    first, second = (pickle.loads(cloudpickle.dumps(make(2.0))) for _ in range(2))
+    assert first is not second and same_model(first) is same_model(second)  # the compiled program is reused
+    assert same_model(pickle.loads(cloudpickle.dumps(make(3.0)))) is not same_model(first)  # other content
+    assert same_model(nlmegen.examples.theo_model) is nlmegen.examples.theo_model
