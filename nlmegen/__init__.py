@@ -28,6 +28,8 @@ __version__ = "0.1.0"
 # public name -> (module, attribute); None: the submodule itself. Imported on first access (PEP 562).
 _LAZY = {
     "datasets": (".datasets", None), "diagnostics": (".diagnostics", None), "examples": (".examples", None),
+    "parallel": (".parallel", None),
+    **{name: (".parallel", name) for name in ("bootstrap", "multistart", "sir")},
     "ode": (".dynamics.ode", None), "pk": (".dynamics.pk", None),
     "DataError": ("._errors", "DataError"), "ModelError": ("._errors", "ModelError"),
     "Population": (".data", "Population"), "read_nonmem": (".data", "read_nonmem"),
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from . import datasets as datasets
     from . import diagnostics as diagnostics
     from . import examples as examples
+    from . import parallel as parallel
     from ._errors import DataError as DataError
     from ._errors import ModelError as ModelError
     from ._simulate import posterior_predictive as posterior_predictive
@@ -81,6 +84,9 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .infer import objective as objective
     from .infer import resume as resume
     from .io import load as load
+    from .parallel import bootstrap as bootstrap
+    from .parallel import multistart as multistart
+    from .parallel import sir as sir
     from .model import additive as additive
     from .model import combined as combined
     from .model import nn as nn

@@ -19,8 +19,10 @@ def _release_compiled_programs():
     import gc
 
     from nlmegen.infer.laplace import backend
+    from nlmegen.parallel import _tasks
 
     backend._CACHE.clear()
+    _tasks._OFV_CACHE.clear()
     jax.clear_caches()
     gc.collect()
 

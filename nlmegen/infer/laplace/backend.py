@@ -34,6 +34,7 @@ from ..shared.start import starting_point
 from .bfgs import BFGSState, bfgs, bhhh_inverse
 from .objective import LOG_2PI, Objective
 from .reverse import reverse_value_and_grad
+from .shard import shard_count, shard_subjects
 
 __all__ = ["ENGINES", "FO", "FOCE", "FOCEI", "Laplace"]
 
@@ -87,6 +88,11 @@ class Laplace:
         The fit then starts there, its EBE searches from the joint mode's random effects.
         ``"auto"`` (default): up to 500 steps for models with network weights or more than 32 free
         parameters (Bayesian network weights, given a prior), none otherwise.
+    devices
+        Local devices the subjects are split over in every evaluation (`shard`: ``shard_map``
+        with a ``psum`` of the OFV and its gradient). ``None`` (default): all of them (one CPU
+        device unless ``XLA_FLAGS=--xla_force_host_platform_device_count=N``; every GPU). With
+        ``map=True`` evaluations run on one device.
 
     References
     ----------
@@ -109,6 +115,7 @@ class Laplace:
     adam_steps: int = 0
     learning_rate: float = 0.01
     joint_steps: int | str = "auto"
+    devices: int | None = None
 
     def objective_for(self, density: Density) -> Objective:
         return Objective(density, self.method, self.ebe_max_iter, self.ebe_gtol)
@@ -217,12 +224,15 @@ class _Problem:
         start = time.perf_counter()
         self.engine = self.resolve_engine()
 
+        # the MAP penalty is shared out by the subject count, which a device's block does not know
+        n_devices = 1 if self.backend.map else shard_count(self.backend.devices, self.pop.n_subjects)
+
         def compiled(engine):
             key = (self.model, self.backend.method, self.backend.ebe_max_iter, self.backend.ebe_gtol,
                    self.backend.map, engine, tuple(self.free.tolist()), jax.tree_util.tree_structure(self.pop),
-                   tuple(x.shape for x in jax.tree_util.tree_leaves(self.pop)))
+                   tuple(x.shape for x in jax.tree_util.tree_leaves(self.pop)), n_devices)
             return _compiled(key, engine, self.objective, self.backend.map, self.free, self.pop, self.eta,
-                             jnp.asarray(self.theta0))
+                             jnp.asarray(self.theta0), n_devices)
 
         try:
             self.fns = compiled(self.engine)
@@ -488,7 +498,8 @@ _CACHE: dict = {}  # compiled functions by (model, settings, free set, data stru
 _CACHE_SIZE = 16
 
 
-def _compiled(key, engine: str, objective: Objective, use_map: bool, free: np.ndarray, pop, eta, theta0) -> dict:
+def _compiled(key, engine: str, objective: Objective, use_map: bool, free: np.ndarray, pop, eta, theta0,
+              n_devices: int = 1) -> dict:
     """The jitted evaluation functions for this problem, compiled once per key.
 
     Only what compiled is stored: a failed or interrupted compile leaves no entry behind.
@@ -530,6 +541,8 @@ def _compiled(key, engine: str, objective: Objective, use_map: bool, free: np.nd
 
     if engine == "reverse":
         value_and_grad = reverse_value_and_grad(objective, use_map, free_idx)  # noqa: F811
+    if n_devices > 1:  # the subjects split over local devices, one psum of the OFV and its gradient
+        value_and_grad = shard_subjects(value_and_grad, n_devices)  # noqa: F811
     args = (jnp.asarray(theta0)[free_idx], jnp.asarray(theta0), eta, pop)
     store["value_and_grad"] = jax.jit(value_and_grad).lower(*args).compile()
     # compiled on first use: predictions are not always needed
