@@ -84,9 +84,6 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .infer import objective as objective
     from .infer import resume as resume
     from .io import load as load
-    from .parallel import bootstrap as bootstrap
-    from .parallel import multistart as multistart
-    from .parallel import sir as sir
     from .model import additive as additive
     from .model import combined as combined
     from .model import nn as nn
@@ -100,6 +97,9 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .model._flows import spline_flow as spline_flow
     from .model._two_stage import eta_draws as eta_draws
     from .model._two_stage import fit_flow as fit_flow
+    from .parallel import bootstrap as bootstrap
+    from .parallel import multistart as multistart
+    from .parallel import sir as sir
 
 __all__ = sorted(_LAZY)
 

@@ -164,9 +164,9 @@ def _linear_matrix(ka, k):
 
 def reference_a(s, theta):
     """Expected actions of subject ``s`` of population A, written out by hand."""
-    O = lambda *ts: [(t, "obs", None) for t in ts]  # noqa: E731
+    O = lambda *ts: [(t, "obs", None) for t in ts]  # noqa: E731, E741
     B = lambda t, cmt, amt: [(t, "bolus", (cmt, amt))]  # noqa: E731
-    I = lambda t, cmt, rate, dur: [(t, "inf", (cmt, rate, dur))]  # noqa: E731
+    I = lambda t, cmt, rate, dur: [(t, "inf", (cmt, rate, dur))]  # noqa: E731, E741
     lag, f, dur = (float(theta[k]) for k in ("lag", "f", "dur"))
     acts = [
         B(0, 1, 100) + O(1, 2, 4, 8, 12) + B(12, 1, 100) + B(24, 1, 100) + O(13, 30),
@@ -300,7 +300,7 @@ THETA_B = {"ka": jnp.array([1.0, 1.0, 1.0, 0.7, 1.0, 1.3]), "k": jnp.asarray(0.2
 
 def reference_b(s, theta):
     """Steady state by brute force: 60 earlier doses of the train, given explicitly."""
-    O = lambda *ts: [(t, "obs", None) for t in ts]  # noqa: E731
+    O = lambda *ts: [(t, "obs", None) for t in ts]  # noqa: E731, E741
     train = lambda t0, ii, act: [(t0 - k * ii, *act) for k in range(60, -1, -1)]  # noqa: E731
     lag = float(theta["lag"])
     acts = [

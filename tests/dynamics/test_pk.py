@@ -344,7 +344,7 @@ def random_regimen(rng: np.random.Generator) -> list[dict]:
     times = np.sort(rng.choice(np.arange(0.0, 30.0, 0.5), size=10))
     kinds = rng.permutation(["obs"] * 5 + ["dose"] * 4 + ["reset"])
     recs = []
-    for t, kind in zip(times, kinds):
+    for t, kind in zip(times, kinds, strict=True):
         if kind != "dose":
             recs.append(obs(t) if kind == "obs" else reset(t))
             continue
@@ -394,7 +394,7 @@ def _check_gradient(fn, pop, params, names):
         assert np.isfinite(g), name
         h = 1e-5 * abs(_get(params, name))
 
-        def at(delta):
+        def at(delta, name=name):
             p = dict(params)
             if isinstance(p[name], dict):
                 p[name] = {**p[name], 1: p[name][1] + delta}
