@@ -69,9 +69,12 @@ from .infer import objective as objective  # noqa: E402
 from .infer import resume as resume  # noqa: E402
 from .io import load as load  # noqa: E402
 from .model import additive as additive  # noqa: E402
+from .model import by_occasion as by_occasion  # noqa: E402
 from .model import combined as combined  # noqa: E402
 from .model import nn as nn  # noqa: E402
 from .model import observe as observe  # noqa: E402
+from .model import occasion_index as occasion_index  # noqa: E402
+from .model import occasions as occasions  # noqa: E402
 from .model import proportional as proportional  # noqa: E402
 from .model import subjects as subjects  # noqa: E402
 from .model._flows import CovariateGaussian as CovariateGaussian  # noqa: E402
@@ -93,3 +96,4 @@ __all__ = ["FO", "FOCE", "FOCEI", "NUTS", "SAEM", "SVI", "DataError", "FitResult
            "read_nonmem", "resume", "simulate", "simulate_arrays", "subjects", "vpc"]
 __all__ += ["CovariateGaussian", "FlowDistribution", "TextEmbedding", "eta_draws", "fit_flow", "flow", "flow_values",
             "plot_eta_by_covariate", "plot_eta_density", "spline_flow"]
+__all__ += ["by_occasion", "occasion_index", "occasions"]

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import DataError
+from ._occasions import OCCASION_COLUMN, with_occasions
 from ._population import Population
 from ._validate import Locator, TableRoles, _check_finite, _parse_numbers, _text, assign_roles, validate
 
@@ -27,6 +28,7 @@ def read_nonmem(
     allow_missing_dv: bool = False,
     require_observations: bool = False,
     allow_sentinel_dv: bool = False,
+    occasions: Any = "auto",
 ) -> Population:
     """Read a NONMEM-style event table into a padded, masked :class:`Population`.
 
@@ -51,6 +53,11 @@ def read_nonmem(
     allow_sentinel_dv
         Accept a DV of -99, -999, -9999 or -99999 on an observation record as a measured value
         (by default it is refused as a missing-value code).
+    occasions
+        Occasions for inter-occasion variability (``pop.occasions``, ``pop.occ``): ``"auto"``
+        (default) takes an ``OCC`` column when there is one (it stays a covariate too); a column
+        name; ``"resets"`` (a new occasion at every EVID 3/4 record); a function of the event table
+        giving one label per row (see `Population.with_occasions`); ``None`` for none.
 
     Returns
     -------
@@ -104,7 +111,11 @@ def read_nonmem(
     records = _fill_covariates(records, roles.covariates, rules, where)
     if require_observations:
         _require_observations(records, where)
-    return _build(records, roles, rules, categories, tuple(str(c) for c in table.columns))
+    pop = _build(records, roles, rules, categories, tuple(str(c) for c in table.columns))
+    if isinstance(occasions, str) and occasions == "auto":
+        has_occ = any(str(c).upper() == OCCASION_COLUMN for c in pop.cov_values)
+        occasions = OCCASION_COLUMN if has_occ else None
+    return pop if occasions is None else with_occasions(pop, occasions)
 
 
 def _load(source: Any) -> tuple[pd.DataFrame, str | None]:

@@ -19,6 +19,7 @@ from numpyro.infer.initialization import init_to_sample
 from .._errors import ModelError
 from ..data._covariates import reading, time_varying_hint
 from ._observe import OBSERVE_TAG, OUTPUT_TAG, SUPPORT_TAG
+from ._occasions import OCCASIONS_TAG
 from ._plate import SUBJECT_PLATE
 
 __all__ = ["POPULATION_TAG", "Site", "Sites", "discover"]
@@ -48,6 +49,7 @@ class Site:
     output: int | None = None  # observed sites from nlmegen.observe: index of the output (None: all)
     value_support: Any = None  # observed sites from nlmegen.observe: where each DV must lie (uncensored)
     gaussian: bool = True  # random effects: False when drawn from a non-Gaussian distribution (nlmegen.flow)
+    occasions: int = 0  # random effects drawn per occasion (nlmegen.occasions): the number of occasions
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def _static_view(trace: dict) -> dict:
             "masked": site.get("mask") is not None or _masked_fn(site.get("fn")),
             "population_tag": bool((site.get("infer") or {}).get(POPULATION_TAG)),
             "value_support": (site.get("infer") or {}).get(SUPPORT_TAG),
+            "occasions": int((site.get("infer") or {}).get(OCCASIONS_TAG, 0)),
         }
         if site["type"] == "sample":
             fn = site["fn"]
@@ -190,7 +193,10 @@ def discover(model, pop, *args, **kwargs) -> Sites:
                                  "(e.g. dist.Normal(...).to_event(1)) instead")
             shape = _per_subject_shape(name, site["shape"], in_subject[0], n_subj)
             random_effects.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape),
-                                       gaussian=site["gaussian"]))
+                                       gaussian=site["gaussian"], occasions=site["occasions"]))
+        elif site["occasions"]:
+            raise ModelError(f"site {name!r} is inside nlmegen.occasions(pop) but outside the subject plate; "
+                             "nest them: `with nlmegen.subjects(pop), nlmegen.occasions(pop):`")
         else:
             shape = site["shape"]
             if name.split("/")[0] not in modules:
