@@ -71,6 +71,7 @@ from .io import load as load  # noqa: E402
 from .model import additive as additive  # noqa: E402
 from .model import by_occasion as by_occasion  # noqa: E402
 from .model import combined as combined  # noqa: E402
+from .model import mixture as mixture  # noqa: E402
 from .model import nn as nn  # noqa: E402
 from .model import observe as observe  # noqa: E402
 from .model import occasion_index as occasion_index  # noqa: E402
@@ -96,4 +97,4 @@ __all__ = ["FO", "FOCE", "FOCEI", "NUTS", "SAEM", "SVI", "DataError", "FitResult
            "read_nonmem", "resume", "simulate", "simulate_arrays", "subjects", "vpc"]
 __all__ += ["CovariateGaussian", "FlowDistribution", "TextEmbedding", "eta_draws", "fit_flow", "flow", "flow_values",
             "plot_eta_by_covariate", "plot_eta_density", "spline_flow"]
-__all__ += ["by_occasion", "occasion_index", "occasions"]
+__all__ += ["by_occasion", "mixture", "occasion_index", "occasions"]

@@ -3,6 +3,8 @@
 from ._density import Density as Density
 from ._density import ParameterSpace as ParameterSpace
 from ._handlers import resample_observed as resample_observed
+from ._mixture import marginalised as marginalised
+from ._mixture import mixture as mixture
 from ._nn import nn as nn
 from ._observe import Censored as Censored
 from ._observe import additive as additive
@@ -19,5 +21,5 @@ from ._sites import Sites as Sites
 from ._sites import discover as discover
 
 __all__ = ["SUBJECT_PLATE", "Censored", "Density", "ParameterSpace", "Site", "Sites", "additive", "by_occasion",
-           "combined", "discover", "nn", "observe", "occasion_index", "occasions", "proportional", "resample_observed",
-           "subjects"]
+           "combined", "discover", "marginalised", "mixture", "nn", "observe", "occasion_index", "occasions",
+           "proportional", "resample_observed", "subjects"]
