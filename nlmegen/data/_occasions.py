@@ -82,11 +82,10 @@ def _record_labels(pop, by) -> tuple[np.ndarray, np.ndarray]:
     bad = np.flatnonzero(~np.isfinite(labels))
     if bad.size:
         raise DataError(f"occasions: the rule gave no finite label for row {int(bad[0])} of pop.to_pandas()")
-    out = np.zeros(valid.shape)
-    counts = valid.sum(axis=1)
-    out[valid] = labels  # rows come subject by subject, in record order, one per record
-    if int(counts.sum()) != labels.size:
+    if int(valid.sum()) != labels.size:
         raise DataError("occasions: the event table and the population's records disagree")
+    out = np.zeros(valid.shape)
+    out[valid] = labels  # rows come subject by subject, in record order, one per record
     return out, valid
 
 

@@ -82,7 +82,11 @@ class typical_class(Messenger):  # noqa: N801
 
     def process_message(self, msg):
         if _is_mixture(msg) and msg["value"] is None:
-            msg["value"] = jnp.argmax(msg["fn"].probs, axis=-1) * jnp.ones(msg["fn"].batch_shape, jnp.int32)
+            fn = msg["fn"]
+            while not hasattr(fn, "probs"):  # under the plate: an expanded (or masked) Categorical
+                fn = fn.base_dist
+            best = jnp.argmax(fn.probs, axis=-1)
+            msg["value"] = jnp.broadcast_to(best, msg["fn"].batch_shape).astype(jnp.int32)
 
 
 def class_site(name: str, k: int) -> str:

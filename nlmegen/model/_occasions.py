@@ -58,17 +58,21 @@ class occasions(Messenger):  # noqa: N801  (NumPyro's handler naming)
             raise ModelError("nlmegen.occasions(pop): the population has no occasions; give the data an OCC column, "
                              "or use pop.with_occasions('resets' | column | rule)")
         self.n_occasions = pop.n_occasions
+        self.expanded: set[str] = set()
         super().__init__(fn)
 
     def process_message(self, msg):
         if msg["type"] != "sample" or msg.get("is_observed"):
             return
+        if msg["name"].removesuffix("_decentered") in self.expanded:
+            return  # NumPyro's LocScaleReparam (NUTS, SVI) re-samples an expanded site's noise: already per occasion
         fn = msg["fn"]
         if tuple(fn.batch_shape) not in ((), (1,)):
             raise ModelError(f"site {msg['name']!r} inside nlmegen.occasions has batch shape {fn.batch_shape}; give "
                              "one draw's distribution (e.g. dist.Normal(0, omega_iov).to_event(1)): it is drawn "
                              "once per occasion and subject")
         msg["fn"] = dist.Independent(fn.expand((self.n_occasions,)), 1)
+        self.expanded.add(msg["name"])
         msg["infer"] = {**(msg.get("infer") or {}), OCCASIONS_TAG: self.n_occasions}
 
 

@@ -86,3 +86,14 @@ def test_occasions_outside_the_subject_plate_is_refused(pop):
 
     with pytest.raises(nlmegen.ModelError, match="outside the subject plate"):
         nlmegen.model.discover(bad, pop)
+
+
+def test_nuts_samples_kappa_as_any_latent_site():
+    """NUTS (non-centred: LocScaleReparam passes through nlmegen.occasions) draws kappa per subject and
+    occasion; about 20 s."""
+    small = simulated_population(20, seed=1)
+    fit = nlmegen.NUTS(num_warmup=200, num_samples=200, num_chains=2, progress=False).fit(
+        model, small, key=jax.random.key(0))
+    assert fit.draws["kappa"].shape == (2, 200, 20, 2)
+    lo, hi = np.quantile(fit.draws["kappa_sd"], [0.025, 0.975])
+    assert lo < TRUTH["kappa_sd"] < hi

@@ -43,6 +43,8 @@ def test_focei_recovers_the_mixing_fraction_and_the_classes(focei, data):
     # EBEs and IPRED are those of each subject's most probable class: IPRED follows the data
     mask = focei.mask
     assert np.median(np.abs(np.log(focei.ipred[mask] / focei.dv[mask]))) < 0.15
+    res = focei.residuals()  # at each subject's most probable class (at the first class: IWRES SD 2.7)
+    assert abs(float(res["CWRES"].std()) - 1.0) < 0.2 and abs(float(res["IWRES"].mean())) < 0.2
 
 
 def test_mixture_objective_equals_the_plain_one_when_the_classes_coincide(data):
