@@ -42,7 +42,8 @@ _LAZY = {
     **{name: (".infer", name) for name in ("FO", "FOCE", "FOCEI", "NUTS", "SAEM", "SVI", "FitResult", "Laplace",
                                            "fit", "objective", "resume")},
     "load": (".io", "load"),
-    **{name: (".model", name) for name in ("additive", "combined", "nn", "observe", "proportional", "subjects")},
+    **{name: (".model", name) for name in ("additive", "by_occasion", "combined", "mixture", "nn", "observe",
+                                           "occasion_index", "occasions", "proportional", "subjects")},
     **{name: (".model._flows", name) for name in ("CovariateGaussian", "FlowDistribution", "flow", "flow_values",
                                                   "spline_flow")},
     "eta_draws": (".model._two_stage", "eta_draws"), "fit_flow": (".model._two_stage", "fit_flow"),
@@ -85,9 +86,13 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .infer import resume as resume
     from .io import load as load
     from .model import additive as additive
+    from .model import by_occasion as by_occasion
     from .model import combined as combined
+    from .model import mixture as mixture
     from .model import nn as nn
     from .model import observe as observe
+    from .model import occasion_index as occasion_index
+    from .model import occasions as occasions
     from .model import proportional as proportional
     from .model import subjects as subjects
     from .model._flows import CovariateGaussian as CovariateGaussian

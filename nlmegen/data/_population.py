@@ -99,6 +99,13 @@ class Population(eqx.Module):
     units : tuple of (name, unit)
         Units of roles (``TIME``, ``DV``, ``AMT``), outputs and covariates (static), for plot axes;
         from ``read_nonmem(..., units=)`` or the table's ``attrs["units"]``.
+    occasions : tuple
+        Occasion labels (static; empty without occasions). Set by an ``OCC`` column or by
+        :meth:`with_occasions`; see ``nlmegen.occasions`` for inter-occasion variability.
+    occ, dose_occ : ``[subj, obs]``, ``[subj, dose]`` int or None
+        Index into :attr:`occasions` of each observation's and each dose's occasion.
+    occ_start : ``[subj, occ]`` or None
+        Time of the first record of each occasion (``inf`` where the subject lacks it).
     """
 
     times: Float[Array, "subj obs"]
@@ -136,6 +143,10 @@ class Population(eqx.Module):
     features: frozenset = eqx.field(static=True, default=ALL_FEATURES)
     dv_missing: Bool[Array, "subj obs"] | None = None
     units: tuple = eqx.field(static=True, default=())
+    occ: Int[Array, "subj obs"] | None = None
+    dose_occ: Int[Array, "subj dose"] | None = None
+    occ_start: Float[Array, "subj occ"] | None = None
+    occasions: tuple = eqx.field(static=True, default=())
 
     # ------------------------------------------------------------------ sizes and look-ups
     @property
@@ -163,6 +174,30 @@ class Population(eqx.Module):
         """Sorted compartment numbers that receive at least one real dose (host-side)."""
         cmts = np.asarray(self.dose_cmts)[np.asarray(self.dose_mask)]
         return tuple(sorted({int(c) for c in cmts}))
+
+    @property
+    def n_occasions(self) -> int:
+        """Number of occasions (0 without occasions)."""
+        return len(self.occasions)
+
+    def occasion_at(self, t: Array) -> Array:
+        """Index of the occasion in force at time(s) ``t``: the last occasion started at or before ``t``.
+
+        Works on the population (``t`` scalar or ``[subj, ...]``) and on one subject's slice inside
+        ``jax.vmap``, e.g. in an ODE right-hand side that switches parameters at occasion boundaries.
+        """
+        if self.occ_start is None:
+            raise ValueError("this population has no occasions; read an OCC column or use pop.with_occasions(...)")
+        from ..model._occasions import occasion_index
+
+        return occasion_index(t, self.occ_start)
+
+    def with_occasions(self, by: Any = "OCC") -> Population:
+        """The population with occasions taken from a column (``"OCC"``), from EVID 3/4 resets
+        (``"resets"``) or from a rule (a function of :meth:`to_pandas`'s table giving one label per row)."""
+        from ._occasions import with_occasions
+
+        return with_occasions(self, by)
 
     def output_index(self, output: str | int) -> int:
         """Index of an output label (DVID) in :attr:`outputs`; raises ``KeyError`` naming the choices."""

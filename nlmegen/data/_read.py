@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import DataError
+from ._occasions import OCCASION_COLUMN, with_occasions
 from ._population import Population
 from ._units import normalise_units
 from ._validate import Locator, TableRoles, _check_finite, _parse_numbers, _text, assign_roles, validate
@@ -30,6 +31,7 @@ def read_nonmem(
     require_observations: bool = False,
     allow_sentinel_dv: bool = False,
     units: Mapping[str, str] | None = None,
+    occasions: Any = "auto",
 ) -> Population:
     """Read a NONMEM-style event table into a padded, masked :class:`Population`.
 
@@ -58,6 +60,11 @@ def read_nonmem(
         Units of the columns, outputs and covariates (``{"TIME": "h", "DV": "mg/L", "WT": "kg"}``;
         one DV unit per output name for several outputs), kept in ``pop.units`` for plot labels.
         Default: ``source.attrs["units"]`` of a DataFrame (the bundled data sets carry them).
+    occasions
+        Occasions for inter-occasion variability (``pop.occasions``, ``pop.occ``): ``"auto"``
+        (default) takes an ``OCC`` column when there is one (it stays a covariate too); a column
+        name; ``"resets"`` (a new occasion at every EVID 3/4 record); a function of the event table
+        giving one label per row (see `Population.with_occasions`); ``None`` for none.
 
     Returns
     -------
@@ -116,7 +123,10 @@ def read_nonmem(
         units = source.attrs.get("units")
     if units:
         pop = dataclasses.replace(pop, units=normalise_units(units, pop.columns, pop.outputs, roles.covariates))
-    return pop
+    if isinstance(occasions, str) and occasions == "auto":
+        has_occ = any(str(c).upper() == OCCASION_COLUMN for c in pop.cov_values)
+        occasions = OCCASION_COLUMN if has_occ else None
+    return pop if occasions is None else with_occasions(pop, occasions)
 
 
 def _load(source: Any) -> tuple[pd.DataFrame, str | None]:

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +39,8 @@ def _linearisation(fit, pop):
     from ..infer.laplace.objective import Objective, _value_and_columns
 
     density = Density(fit.model, discover(fit.model, pop))
+    if getattr(fit, "classes", None) is not None and tuple(fit.ids) == tuple(pop.ids):  # mixture: EBEs' classes
+        density = dataclasses.replace(density, classes=jnp.asarray(fit.classes["class"].to_numpy()))
     objective = Objective(density, "focei")
     theta = jnp.asarray(fit.theta)
     eta = density.eta_space.unconstrain(ebe_values(fit, pop, density.sites.random_effects))

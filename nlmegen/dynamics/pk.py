@@ -125,9 +125,14 @@ def one_cmt(
         Subjects with observation times and doses (``nlmegen.read_nonmem``). A single subject
         (arrays without the subject axis, e.g. under ``jax.vmap`` over the population) also works
         and gives ``[n_obs]``.
-    cl, v : scalar or ``[n_subjects]``
-        Clearance and volume.
-    ka : scalar or ``[n_subjects]``, optional
+    cl, v : scalar, ``[n_subjects]`` or ``[n_subjects, n_obs]``
+        Clearance and volume. A ``[n_subjects, n_obs]`` value gives each observation its own
+        parameters (inter-occasion variability: ``nlmegen.by_occasion``); the observation's
+        prediction then superposes every dose with that observation's values, which is exact when
+        earlier occasions' doses are washed out or reset (EVID 3/4) by the time of the observation;
+        for parameters that switch while earlier doses are still present, use ``nlmegen.ode.solve``
+        with ``pop.occasion_at(t)`` in the right-hand side.
+    ka : scalar, ``[n_subjects]`` or ``[n_subjects, n_obs]``, optional
         First-order absorption rate constant; when given, CMT 1 is a depot and CMT 2 central.
     lag, f : scalar, ``[n_subjects]``, ``[n_subjects, n_doses]`` or ``{cmt: value}``
         Absorption lag time (ALAG) and bioavailability (F), for all doses or per dose compartment
@@ -218,11 +223,13 @@ def three_cmt(
 
 # ----------------------------------------------------------------------------------- disposition
 def _param(x: ArrayLike, name: str) -> Array:
-    """A subject-level parameter as a scalar or ``[S, 1, 1]`` (broadcasts over obs and doses)."""
+    """A parameter as a scalar, ``[S, 1, 1]`` (per subject) or ``[S, O, 1]`` (per observation: each
+    observation's prediction uses its own value for every dose, e.g. its occasion's), broadcasting
+    over observations and doses."""
     x = jnp.asarray(x, dtype=float)
-    if x.ndim > 1:
-        raise ValueError(f"{name} must be a scalar or of shape [n_subjects]; got shape {x.shape}")
-    return x[:, None, None] if x.ndim == 1 else x
+    if x.ndim > 2:
+        raise ValueError(f"{name} must be a scalar, [n_subjects] or [n_subjects, n_obs]; got shape {x.shape}")
+    return x[:, None, None] if x.ndim == 1 else x[:, :, None] if x.ndim == 2 else x
 
 
 def _one(cl: Array, v: Array) -> tuple[Array, Array, Array]:
@@ -296,7 +303,13 @@ def _concentration(pop: Any, model: str, disposition: dict, doses: dict) -> Arra
     single = ev.times.ndim == 1
     if single:  # one subject, e.g. under jax.vmap over the population
         ev = _Events(*(x[None] for x in ev))
-        doses = {k: _one_subject(v) if k != "ka" else v for k, v in doses.items()}
+        doses = {k: _one_subject(v) if k != "ka" else _add_subject(v) for k, v in doses.items()}
+        disposition = {k: _add_subject(v) for k, v in disposition.items()}
+    for name, x in (*disposition.items(), ("ka", doses["ka"])):
+        shape = jnp.shape(x) if x is not None else ()
+        if len(shape) == 2 and tuple(shape) != tuple(ev.times.shape):
+            raise ValueError(f"{name}: a per-observation value must be [n_subjects, n_obs] = "
+                             f"{list(ev.times.shape)}; got shape {list(shape)}")
     features = getattr(pop, "features", ALL_FEATURES)  # population-like objects: assume any kind
     conc = _superpose(model, ev, disposition, doses, features)
     return conc[0] if single else conc
@@ -332,6 +345,14 @@ def _superpose(model: str, ev: _Events, disposition: dict, doses: dict, features
         depot = ka[..., 0] * jnp.sum(coefs * dd, -1)
         amount = jnp.where(ev.dose_cmts[:, None, :] == 1, depot, jnp.sum(coefs * central, -1))
     return jnp.sum(jnp.where(on, amount, 0.0) / vc, -1)
+
+
+def _add_subject(x: ArrayLike | None) -> Array | None:
+    """One subject's per-observation parameter ``[O]`` as ``[1, O]`` (a scalar stays a scalar)."""
+    if x is None:
+        return None
+    x = jnp.asarray(x, dtype=float)
+    return x[None] if x.ndim == 1 else x
 
 
 def _one_subject(value: PerCmt | None) -> PerCmt | None:

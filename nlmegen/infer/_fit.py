@@ -113,10 +113,14 @@ def objective(model, pop, params: Mapping, method: str = "focei", **settings) ->
         raise ModelError(f"objective: no value for population parameter(s) {missing}")
     density = Density(model, sites)
     obj = backend.objective_for(density)
+    if sites.mixtures:  # nlmegen.mixture: NONMEM's $MIX objective (laplace.mixture)
+        from .laplace.mixture import MixtureObjective
+
+        obj = MixtureObjective(density, obj.method, obj.max_iter, obj.gtol)
     theta = density.theta_space.unconstrain({k: params[k] for k in density.theta_space.names})
     if not np.all(np.isfinite(np.asarray(theta))):
         raise ModelError("objective: a parameter value is outside its site's support")
-    eta0 = jnp.zeros((pop.n_subjects, sites.n_eta))
+    eta0 = jnp.zeros((pop.n_subjects, obj.n_eta))
     with numpyro.validation_enabled(False):
         state = obj.ebe(theta, eta0, pop)
         return float(jnp.sum(obj.subject_ofv(theta, state.eta, pop)))

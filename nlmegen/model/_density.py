@@ -153,6 +153,9 @@ class Density:
     sites: Sites
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    #: mixture models (`nlmegen.mixture`): every subject's class (an int or ``[subj]`` ints) in the
+    #: traces; None: each subject's most probable class a priori (typical-value quantities)
+    classes: Any = None
 
     @property
     def theta_space(self) -> ParameterSpace:
@@ -172,6 +175,10 @@ class Density:
     def trace_values(self, values: dict, pop) -> dict:
         """The model's trace with constrained site ``values`` substituted."""
         model = handlers.substitute(handlers.seed(self.model, 0), data=values)
+        if self.sites.mixtures:
+            from ._mixture import class_values, typical_class
+
+            model = typical_class(model) if self.classes is None else class_values(model, classes=self.classes)
         return handlers.trace(model).get_trace(pop, *self.args, **self.kwargs)
 
     def subject_terms(self, theta: Array, eta: Array, pop) -> tuple[Array, Array]:

@@ -18,7 +18,9 @@ from numpyro.infer.initialization import init_to_sample
 
 from .._errors import ModelError
 from ..data._covariates import reading, time_varying_hint
+from ._mixture import MIXTURE_TAG
 from ._observe import OBSERVE_TAG, OUTPUT_TAG, SUPPORT_TAG
+from ._occasions import OCCASIONS_TAG
 from ._plate import SUBJECT_PLATE
 
 __all__ = ["POPULATION_TAG", "Site", "Sites", "discover"]
@@ -48,6 +50,7 @@ class Site:
     output: int | None = None  # observed sites from nlmegen.observe: index of the output (None: all)
     value_support: Any = None  # observed sites from nlmegen.observe: where each DV must lie (uncensored)
     gaussian: bool = True  # random effects: False when drawn from a non-Gaussian distribution (nlmegen.flow)
+    occasions: int = 0  # random effects drawn per occasion (nlmegen.occasions): the number of occasions
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Sites:
     observed: tuple[Site, ...]
     deterministic: tuple[str, ...]
     n_subjects: int
+    mixtures: tuple[Site, ...] = ()  # sub-population sites (nlmegen.mixture); size = number of classes
 
     @property
     def n_eta(self) -> int:
@@ -72,6 +76,7 @@ class Sites:
         out.update({s.name: "random_effect" for s in self.random_effects})
         out.update({s.name: "observed" for s in self.observed})
         out.update(dict.fromkeys(self.deterministic, "deterministic"))
+        out.update({s.name: "mixture" for s in self.mixtures})
         return out
 
 
@@ -108,6 +113,8 @@ def _static_view(trace: dict) -> dict:
             "masked": site.get("mask") is not None or _masked_fn(site.get("fn")),
             "population_tag": bool((site.get("infer") or {}).get(POPULATION_TAG)),
             "value_support": (site.get("infer") or {}).get(SUPPORT_TAG),
+            "occasions": int((site.get("infer") or {}).get(OCCASIONS_TAG, 0)),
+            "mixture": int((site.get("infer") or {}).get(MIXTURE_TAG, 0)),
         }
         if site["type"] == "sample":
             fn = site["fn"]
@@ -152,7 +159,7 @@ def discover(model, pop, *args, **kwargs) -> Sites:
             if hint is None:
                 raise
             raise ModelError(hint) from err
-    population, random_effects, observed, deterministic = [], [], [], []
+    population, random_effects, observed, deterministic, mixtures = [], [], [], [], []
     n_subj = pop.n_subjects
     # Bayesian networks (nlmegen.nn(..., prior=...)): numpyro names their weight sites "<name>/<path>"
     # beside a param site "<name>$params"; a weight matrix may have as many rows as there are subjects
@@ -180,6 +187,15 @@ def discover(model, pop, *args, **kwargs) -> Sites:
             observed.append(Site(name, site["shape"][1:] if site["shape"] else (), site["support"],
                                  output=site["output"], value_support=site["value_support"]))
             continue
+        if site["mixture"] and not site["observed"]:
+            if not in_subject:
+                raise ModelError(f"mixture site {name!r} is outside the subject plate; declare a subject's class "
+                                 "inside `with nlmegen.subjects(pop):`")
+            if mixtures:
+                raise ModelError(f"mixture sites {mixtures[0].name!r} and {name!r}: one mixture per model (combine "
+                                 "them into one with the product of their classes)")
+            mixtures.append(Site(name, (), site["support"], "sample", site["mixture"]))
+            continue
         if site["support"].is_discrete:
             raise ModelError(f"latent site {name!r} is discrete; nlmegen needs continuous parameters and random "
                              "effects (marginalise it, or make it observed)")
@@ -190,7 +206,10 @@ def discover(model, pop, *args, **kwargs) -> Sites:
                                  "(e.g. dist.Normal(...).to_event(1)) instead")
             shape = _per_subject_shape(name, site["shape"], in_subject[0], n_subj)
             random_effects.append(Site(name, shape, site["support"], "sample", _unconstrained_size(site, shape),
-                                       gaussian=site["gaussian"]))
+                                       gaussian=site["gaussian"], occasions=site["occasions"]))
+        elif site["occasions"]:
+            raise ModelError(f"site {name!r} is inside nlmegen.occasions(pop) but outside the subject plate; "
+                             "nest them: `with nlmegen.subjects(pop), nlmegen.occasions(pop):`")
         else:
             shape = site["shape"]
             if name.split("/")[0] not in modules:
@@ -199,7 +218,8 @@ def discover(model, pop, *args, **kwargs) -> Sites:
     if not random_effects and not any(SUBJECT_PLATE in [p[0] for p in s["plates"]] for s in view.values()):
         raise ModelError("the model has no subject plate; wrap random effects and observations in "
                          "`with nlmegen.subjects(pop):`")
-    return Sites(tuple(population), tuple(random_effects), tuple(observed), tuple(deterministic), n_subj)
+    return Sites(tuple(population), tuple(random_effects), tuple(observed), tuple(deterministic), n_subj,
+                 tuple(mixtures))
 
 
 def _masked_fn(fn: Any) -> bool:

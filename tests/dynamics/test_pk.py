@@ -503,7 +503,10 @@ def test_modelled_rate_or_duration_required():
 def test_bad_parameter_shape_raises():
     pop = make_pop([[dose(0, 100), obs(1)]])
     with pytest.raises(ValueError, match="cl must be a scalar"):
-        one_cmt(pop, cl=jnp.ones((1, 1)), v=10.0)
+        one_cmt(pop, cl=jnp.ones((1, 1, 1)), v=10.0)
+    with pytest.raises(ValueError, match=r"per-observation value must be \[n_subjects, n_obs\]"):
+        one_cmt(pop, cl=jnp.ones((1, 2)), v=10.0)
+    assert one_cmt(pop, cl=jnp.ones((1, 1)), v=10.0).shape == (1, 1)  # one value per observation
 
 
 def test_bolus_seen_by_observation_after_it_at_the_same_time():

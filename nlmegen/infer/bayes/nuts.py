@@ -109,6 +109,10 @@ class NUTS:
         """Sample the posterior of ``model`` on ``pop``; returns a `FitResult` with ``draws``."""
         if key is None:
             raise ValueError("NUTS needs key=jax.random.key(...)")
+        from ..shared.mixture import fit_mixture, has_mixture
+
+        if has_mixture(model, pop):  # nlmegen.mixture: NUTS needs the class summed out (shared.mixture)
+            return fit_mixture(self.fit, model, pop, init=init, fixed=fixed, key=key)
         check_population(pop)
         sites = discover(model, pop)
         check_fit(sites, pop)

@@ -230,6 +230,10 @@ class SVI:
         """Fit the guide to the posterior of ``model`` on ``pop``; a `FitResult` with ``draws``."""
         if key is None:
             raise ValueError("SVI needs key=jax.random.key(...)")
+        from ..shared.mixture import fit_mixture, has_mixture
+
+        if has_mixture(model, pop):  # nlmegen.mixture: the class summed out (shared.mixture)
+            return fit_mixture(self.fit, model, pop, init=init, fixed=fixed, key=key)
         check_population(pop)
         kind = _guide_name(self.guide)
         sites = discover(model, pop)

@@ -179,6 +179,10 @@ class _Problem:
     def build(cls, backend, model, pop, init, fixed):
         check_population(pop)
         sites = discover(model, pop)
+        if sites.mixtures and cls is _Problem:  # NONMEM's $MIX: one Laplace approximation per class
+            from .mixture import MixtureProblem
+
+            return MixtureProblem.build(backend, model, pop, init, fixed)
         check_fit(sites, pop)
         flows = [s.name for s in sites.random_effects if not s.gaussian]
         if backend.method == "fo" and flows:
@@ -444,9 +448,13 @@ class _Problem:
             status = "not_converged"
         return status, "; ".join(notes)
 
-    def finish(self, x_hat, ofv, grad, ebe, message, success, compile_s, run_s, n_eval):
+    def build_result(self, x_hat, ofv, ebe, status, message, cov, timings):
+        """The `FitResult` (`finish.build_result`; mixture models report their most probable classes)."""
         from .finish import build_result
 
+        return build_result(self, x_hat, ofv, ebe, status, message, cov, timings)
+
+    def finish(self, x_hat, ofv, grad, ebe, message, success, compile_s, run_s, n_eval):
         status, message = self.status(ofv, grad, ebe, message, success)
         if self.interrupted:  # no identifiability check or covariance step: the user asked to stop
             status, message = "interrupted", checkpoint.interrupted_note(message)
@@ -461,11 +469,11 @@ class _Problem:
             covariance_s = time.perf_counter() - start
             if not np.array_equal(self.last_x, x_hat):  # the covariance step moved the EBEs: back to the estimate
                 ofv, grad, ebe = self.evaluate(x_hat)
-            return build_result(self, x_hat, ofv, ebe, status, message, cov,
-                                {"compile_s": compile_s, "run_s": run_s, "covariance_s": covariance_s,
-                                 "n_evaluations": float(n_eval),
-                                 **({"joint_s": self.joint["seconds"], "joint_steps": float(self.joint["steps"])}
-                                    if self.joint else {})})
+            return self.build_result(x_hat, ofv, ebe, status, message, cov,
+                                     {"compile_s": compile_s, "run_s": run_s, "covariance_s": covariance_s,
+                                      "n_evaluations": float(n_eval),
+                                      **({"joint_s": self.joint["seconds"], "joint_steps": float(self.joint["steps"])}
+                                         if self.joint else {})})
 
     def identifiability(self, x_hat: np.ndarray, message: str) -> str:
         """Name parameters the data cannot tell apart (whatever the covariance setting) in the message

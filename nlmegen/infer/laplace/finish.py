@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 import pandas as pd
 
 from ...model import Density
@@ -22,6 +23,8 @@ def site_means(density: Density, theta, eta, pop):
     out = jnp.zeros(pop.dv.shape)
     for site in density.sites.observed:
         base, _ = _unwrap(tr[site.name]["fn"])
+        if isinstance(base, dist.Unit):  # a factor (a mixture's summed-out likelihood): no prediction
+            continue
         mean = jnp.broadcast_to(base.mean, pop.dv.shape)
         covered = pop.mask if site.output is None else pop.mask & (pop.dvid == site.output)
         out = jnp.where(covered, mean, out)

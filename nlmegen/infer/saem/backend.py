@@ -245,7 +245,15 @@ class SAEM:
         """Estimate the population parameters of ``model`` on ``pop``; returns a `FitResult`."""
         if key is None:
             raise ValueError("SAEM needs key=jax.random.key(...)")
+        from ..shared.mixture import has_mixture
         from .finish import finish
+
+        if has_mixture(model, pop):
+            # with the class summed out, SAEM's Newton M-step on the (non-concave) mixture likelihood
+            # collapsed to one class on a well-separated 30/70 test population (FOCEI and NUTS recover
+            # it); Lavielle & Mbogning's M-step with class responsibilities is what it needs
+            raise ModelError("SAEM does not fit mixture models (nlmegen.mixture) yet: use method='focei' "
+                             "(NONMEM's $MIX objective), 'laplace' or 'nuts'")
 
         with numpyro.validation_enabled(False):
             start = time.perf_counter()

@@ -154,6 +154,10 @@ class FitResult:
         and, for a model importable by name, a reference to it).
     tables : dict
         Tables computed once and kept (``"natural"``; restored by `nlmegen.load`). Not compared.
+    classes : pandas.DataFrame or None
+        Mixture models (`nlmegen.mixture`): each subject's posterior probability of each class
+        (``p(<site>=k)``) and its most probable ``class``; the EBEs, IPRED and residuals are those
+        of that class. Not compared; not saved by `save`.
     """
 
     method: str
@@ -196,6 +200,7 @@ class FitResult:
     model: Any = field(default=None, compare=False, repr=False)
     pop: Any = field(default=None, compare=False, repr=False)
     tables: dict = field(default_factory=dict, compare=False, repr=False)
+    classes: pd.DataFrame | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
