@@ -41,11 +41,13 @@ def _enable_compilation_cache() -> None:
 
 _enable_compilation_cache()
 
+from . import covariates as covariates  # noqa: E402
 from . import datasets as datasets  # noqa: E402
 from . import diagnostics as diagnostics  # noqa: E402
 from . import examples as examples  # noqa: E402
 from ._errors import DataError as DataError  # noqa: E402
 from ._errors import ModelError as ModelError  # noqa: E402
+from .covariates import scm as scm  # noqa: E402
 from .data import Population as Population  # noqa: E402
 from .data import read_nonmem as read_nonmem  # noqa: E402
 from .data._text import TextEmbedding as TextEmbedding  # noqa: E402
@@ -67,6 +69,7 @@ from .infer import Laplace as Laplace  # noqa: E402
 from .infer import fit as fit  # noqa: E402
 from .infer import objective as objective  # noqa: E402
 from .infer import resume as resume  # noqa: E402
+from .infer.shared.compare import compare as compare  # noqa: E402
 from .io import load as load  # noqa: E402
 from .model import additive as additive  # noqa: E402
 from .model import combined as combined  # noqa: E402
@@ -93,3 +96,4 @@ __all__ = ["FO", "FOCE", "FOCEI", "NUTS", "SAEM", "SVI", "DataError", "FitResult
            "read_nonmem", "resume", "simulate", "simulate_arrays", "subjects", "vpc"]
 __all__ += ["CovariateGaussian", "FlowDistribution", "TextEmbedding", "eta_draws", "fit_flow", "flow", "flow_values",
             "plot_eta_by_covariate", "plot_eta_density", "spline_flow"]
+__all__ += ["compare", "covariates", "scm"]
