@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import _sim
 import numpy as np
 import pytest
 from scipy import stats
 
 import nlmegen
 from nlmegen.covariates import Relation, _scm
-
-from . import _sim
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ BAYESIAN = ("nuts", "svi")
 
 
 def compare(*fits: Any, names: Sequence[str] | None = None, reference: int | str = 0,
-            loo: bool | None = None) -> pd.DataFrame:
+            loo: bool | None = None, loo_draws: int = 1000) -> pd.DataFrame:
     """Compare fits of the same data: OFV difference, likelihood-ratio test, AIC, BIC, and PSIS-LOO.
 
     Parameters
@@ -30,6 +30,10 @@ def compare(*fits: Any, names: Sequence[str] | None = None, reference: int | str
         Add ArviZ's leave-one-*subject*-out comparison (``arviz.compare`` on the ``subject_marginal``
         log-likelihood, each subject's likelihood with its random effects integrated out, so
         maximum-likelihood and Bayesian fits compare on one scale). Default: when a fit is Bayesian.
+        A maximum-likelihood fit enters with draws from the asymptotic distribution of its
+        estimates, so it needs a covariance step.
+    loo_draws
+        Draws per maximum-likelihood fit for LOO (`FitResult.to_arviz`'s ``n_draws``).
 
     Returns
     -------
@@ -79,7 +83,7 @@ def compare(*fits: Any, names: Sequence[str] | None = None, reference: int | str
     if loo is None:
         loo = any(f.method in BAYESIAN for f in fits)
     if loo:
-        table = table.join(_loo_table(fits, labels, labels[ref]))
+        table = table.join(_loo_table(fits, labels, labels[ref], loo_draws))
     return table
 
 
@@ -115,10 +119,15 @@ def _same_data(fits: Sequence[Any], labels: list[str]) -> None:
                              "differ): their objective functions cannot be compared")
 
 
-def _loo_table(fits: Sequence[Any], labels: list[str], ref: str) -> pd.DataFrame:
+def _loo_table(fits: Sequence[Any], labels: list[str], ref: str, n_draws: int) -> pd.DataFrame:
     import arviz as az
 
-    trees = {label: fit.to_arviz() for fit, label in zip(fits, labels, strict=True)}
+    for fit, label in zip(fits, labels, strict=True):
+        if fit.method not in BAYESIAN and (fit.covariance is None or fit.covariance_kind == "none"):
+            raise ValueError(f"loo: fit {label!r} has no covariance step, so no draws of its estimates to "
+                             "cross-validate over; refit with covariance='sandwich' (or 'R'), or pass loo=False")
+    trees = {label: fit.to_arviz(n_draws=n_draws) if fit.method not in BAYESIAN else fit.to_arviz()
+             for fit, label in zip(fits, labels, strict=True)}
     out = az.compare(trees, var_name="subject_marginal", reference=ref, round_to="none")
     keep = {"elpd": "elpd_loo", "p": "p_loo", "elpd_diff": "elpd_diff", "se": "se", "dse": "dse",
             "weight": "weight", "warning": "loo_warning"}
