@@ -83,7 +83,10 @@ class SCMResult:
     model : callable
         ``make_model(relations)``: the final model.
     fit : FitResult
-        The final model's fit.
+        The final model's fit (without a covariance step unless ``fit_options`` asked for one;
+        ``nlmegen.fit(result.model, pop, init=result.fit.params)`` adds it without recompiling).
+    base_fit : FitResult or None
+        The base model's fit (None when the executor ran the fits in other processes).
     steps : pandas.DataFrame
         One row per candidate fit: ``step``, ``direction`` (``"base"``, ``"forward"``,
         ``"backward"``), ``relation`` (the relation tested), ``model`` (the relations of the fitted
@@ -97,6 +100,7 @@ class SCMResult:
     model: Callable
     fit: Any
     steps: pd.DataFrame
+    base_fit: Any = None
 
     def report(self) -> str:
         """The step table as text, with the final model."""
@@ -172,6 +176,7 @@ def scm(make_model: Callable[[Relations], Callable], pop: Any, candidates: Itera
     (best,) = run([(current, {})])
     if best.status == "failed":
         raise RuntimeError(f"scm: the base model could not be fitted: {best.message}")
+    base_fit = best.fit
     rows = [_row(0, "base", "", current, best, None, 0, np.nan)]
     step = 0
     while max_steps is None or step < max_steps:  # forward inclusion
@@ -212,7 +217,8 @@ def scm(make_model: Callable[[Relations], Callable], pop: Any, candidates: Itera
     final_fit = best.fit
     if final_fit is None:  # the executor ran elsewhere: refit here from the estimates (a few iterations)
         final_fit = _fit_candidate(make_model, current, pop, method, _warm(best.params, {}, fixed), options, True).fit
-    return SCMResult(current, make_model(current), final_fit, pd.DataFrame(rows))
+    model = final_fit.model if getattr(final_fit, "model", None) is not None else make_model(current)
+    return SCMResult(current, model, final_fit, pd.DataFrame(rows), base_fit)
 
 
 class _Runner:
