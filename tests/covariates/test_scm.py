@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import pickle
 
 import _sim
 import numpy as np
@@ -87,3 +88,12 @@ def test_scm_finds_the_simulated_weight_effect(pop):
     weights = _sim.population(30, seed=1).groupby("ID").WT.first()
     assert res.relations.relations[0].ref == pytest.approx(np.median(weights))  # centred on the median
     assert "final model: cl-WT(power)" in res.report()
+
+
+def test_a_candidate_job_pickles_for_process_pools(pop):
+    # what a process pool or Dask sends: the factory (module level), the relations, the population
+    rel = nlmegen.covariates.Relations([Relation("cl", "WT")], ["cl", "v"]).resolve(pop)
+    factory, rel2, pop2 = pickle.loads(pickle.dumps((_sim.make_model, rel, pop)))
+    assert rel2 == rel and factory is _sim.make_model
+    np.testing.assert_array_equal(np.asarray(pop2.covariates["WT"]), np.asarray(pop.covariates["WT"]))
+    assert pickle.loads(pickle.dumps(_scm._fit_candidate)) is _scm._fit_candidate
