@@ -244,7 +244,8 @@ def baseline(pop: Any, name: str) -> np.ndarray | Array:
         values = pop.cov_values[name]
     except KeyError:
         raise KeyError(f"no covariate {name!r}; this population has covariates {sorted(pop.cov_values)}") from None
-    return values if values.ndim == 1 else values[:, 0]
+    constant = values.ndim == pop.cov_times.ndim - 1  # (as `Population.covariate_at` tells them apart)
+    return values if constant else values[..., 0]
 
 
 def _plain(v: Any) -> Any:

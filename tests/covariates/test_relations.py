@@ -87,3 +87,14 @@ def test_errors_name_the_problem(pop):
         Relation("cl", "WT", "hockey-stick")
     with pytest.raises(ValueError, match="same site or parameter and covariate"):
         Relations([Relation("cl", "WT"), Relation("cl", "WT", "linear")])
+
+
+def test_time_varying_covariates_enter_by_their_baseline():
+    import pandas as pd
+
+    rows = [dict(ID=i, TIME=t, AMT=100.0 if t == 0 else 0.0, EVID=int(t == 0), DV=1.0, WT=60.0 + 10 * i + t)
+            for i in (1, 2) for t in (0.0, 1.0, 2.0)]
+    pop = nlmegen.read_nonmem(pd.DataFrame(rows))
+    assert np.asarray(pop.covariates["WT"]).ndim == 2  # varies within subjects
+    np.testing.assert_allclose(nlmegen.covariates.baseline(pop, "WT"), [70.0, 80.0])
+    assert Relation("cl", "WT").resolve(pop).ref == pytest.approx(75.0)
