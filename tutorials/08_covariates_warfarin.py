@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jax
 import matplotlib
+import pandas as pd
 
 import nlmegen
 from nlmegen.covariates import Relation
@@ -35,6 +36,8 @@ matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 SMALL = os.environ.get("NLMEGEN_TUTORIAL_SMALL") == "1"  # the test suite runs this file at a small size
 OUT = Path(tempfile.mkdtemp(prefix="nlmegen-tutorial-08-")) if SMALL else Path(__file__).parent / "results"
 OUT.mkdir(exist_ok=True)
+pd.set_option("display.width", 160)
+pd.set_option("display.max_columns", 20)
 
 # %% [markdown]
 # ## Data and relations
