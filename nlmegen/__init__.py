@@ -28,7 +28,8 @@ __version__ = "0.1.0"
 # public name -> (module, attribute); None: the submodule itself. Imported on first access (PEP 562).
 _LAZY = {
     "datasets": (".datasets", None), "diagnostics": (".diagnostics", None), "examples": (".examples", None),
-    "parallel": (".parallel", None),
+    "parallel": (".parallel", None), "covariates": (".covariates", None), "scm": (".covariates", "scm"),
+    "compare": (".infer.shared.compare", "compare"),
     **{name: (".parallel", name) for name in ("bootstrap", "multistart", "sir")},
     "ode": (".dynamics.ode", None), "pk": (".dynamics.pk", None),
     "DataError": ("._errors", "DataError"), "ModelError": ("._errors", "ModelError"),
@@ -51,6 +52,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
+    from . import covariates as covariates
     from . import datasets as datasets
     from . import diagnostics as diagnostics
     from . import examples as examples
@@ -60,6 +62,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from ._simulate import posterior_predictive as posterior_predictive
     from ._simulate import simulate as simulate
     from ._simulate import simulate_arrays as simulate_arrays
+    from .covariates import scm as scm
     from .data import Population as Population
     from .data import read_nonmem as read_nonmem
     from .data._design import design as design
@@ -84,6 +87,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .infer import fit as fit
     from .infer import objective as objective
     from .infer import resume as resume
+    from .infer.shared.compare import compare as compare
     from .io import load as load
     from .model import additive as additive
     from .model import by_occasion as by_occasion

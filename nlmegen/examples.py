@@ -30,7 +30,7 @@ from .model import additive, combined, nn, observe, proportional, subjects
 
 __all__ = ["IDR_TRUTH", "MLP", "WARFARIN_ETAS", "idr_model", "idr_nn_model", "idr_population", "idr_rhs",
            "simulate_idr", "theo_model", "theo_model_full", "theo_model_kacl", "theo_model_named", "warfarin_model",
-           "warfarin_rhs"]
+           "warfarin_pk_covariate_model", "warfarin_rhs"]
 
 
 def theo_model(pop: Population) -> None:
@@ -348,6 +348,35 @@ def warfarin_model(pop: Population) -> None:
                         lag=p["lag"])[..., 0]
         observe("cp", combined(cp, add_cp, prop_cp), pop, output="cp")
         observe("pca", additive(pca, add_pca), pop, output="pca")
+
+
+def warfarin_pk_covariate_model(relations):
+    """Model factory: warfarin PK (``cp`` only) with the covariate relations in ``relations``.
+
+    One-compartment oral PK with a lag time (as in :func:`warfarin_model`), log-normal IIV on ka,
+    CL and V, combined error; ``CL = exp(tcl + eta) * f["cl"]`` and ``V = exp(tv + eta) * f["v"]``
+    with ``f = relations.factors(pop)`` (see `nlmegen.covariates.Relations`), so
+    ``nlmegen.scm(warfarin_pk_covariate_model, pop, candidates, parameters=["cl", "v"])`` searches
+    covariates on CL and V. A module-level function, so process pools and Dask can pickle it.
+    """
+
+    def model(pop: Population) -> None:
+        tka = numpyro.sample("tka", dist.Normal(0.0, 2.0))
+        tlag = numpyro.sample("tlag", dist.Normal(-0.7, 2.0))
+        tcl = numpyro.sample("tcl", dist.Normal(-2.3, 2.0))
+        tv = numpyro.sample("tv", dist.Normal(2.3, 2.0))
+        omega = numpyro.sample("omega", dist.HalfNormal(0.5 * jnp.ones(3)).to_event(1))
+        prop_cp = numpyro.sample("prop_cp", dist.HalfNormal(0.2))
+        add_cp = numpyro.sample("add_cp", dist.HalfNormal(1.0))
+        f = relations.factors(pop)
+        with subjects(pop):
+            eta = numpyro.sample("eta", dist.Normal(0.0, omega).to_event(1))
+            cl = jnp.exp(tcl + eta[..., 1]) * f["cl"]
+            v = jnp.exp(tv + eta[..., 2]) * f["v"]
+            cp = pk.one_cmt(pop, cl=cl, v=v, ka=jnp.exp(tka + eta[..., 0]), lag=jnp.exp(tlag))
+            observe("cp", combined(cp, add_cp, prop_cp), pop)
+
+    return model
 
 
 def theo_model_kacl(pop: Population) -> None:

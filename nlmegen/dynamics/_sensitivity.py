@@ -214,7 +214,7 @@ def _is_zero(x) -> bool:
 
 def _subject_sens(cfg, rebuild, u, rest, dose_arrays, obs, resets):
     """One subject: states at the observation times, their sensitivities ``[obs, n, P]``, status."""
-    from . import ode
+    from . import _covariate_hook, ode
 
     def inputs(u_):
         params, y0, specs = rebuild(u_, rest)
@@ -223,7 +223,8 @@ def _subject_sens(cfg, rebuild, u, rest, dose_arrays, obs, resets):
 
     def grid_parts(u_):  # the grid's differentiable parts, and (as aux) its discrete parts and values
         params, y0, doses = inputs(u_)
-        time, rate, is_reset, ss1, ss2, _, bolus, pos_obs, t_init = ode._grid(cfg, y0, obs, doses, resets, None)
+        extra = _covariate_hook.extra_times(cfg, params)
+        time, rate, is_reset, ss1, ss2, _, bolus, pos_obs, t_init = ode._grid(cfg, y0, obs, doses, resets, None, extra)
         values = (time, rate, bolus, t_init, y0)
         return values, ((is_reset, ss1, ss2, pos_obs), values)
 
@@ -240,9 +241,10 @@ def _subject_sens(cfg, rebuild, u, rest, dose_arrays, obs, resets):
         t1, dt1, rate_i, drate_i, reset_i, ss1_i, ss2_i, bolus_i, dbolus_i = x
         go = status == 0
         t1, dt1 = jnp.where(go, t1, t0), jnp.where(go, dt1, dt0)
-        sens = sens - field(t0, y, u, rate_i)[:, None] * dt0[None, :]
+        s0, s1 = _covariate_hook.span(cfg, t0, t1)  # (the segment's own covariate values at its ends)
+        sens = sens - field(s0, y, u, rate_i)[:, None] * dt0[None, :]
         (y, sens), res = _augmented_flow(cfg, field, u, t0, t1, y, sens, rate_i, drate_i)
-        sens = sens + field(t1, y, u, rate_i)[:, None] * dt1[None, :]
+        sens = sens + field(s1, y, u, rate_i)[:, None] * dt1[None, :]
         status = jnp.where(go, res, status)
         zero = jnp.zeros_like(y)
         y = ode._apply_events(y, y0, reset_i, ss1_i, ss2_i, zero, bolus_i)
@@ -259,7 +261,10 @@ def _subject_sens(cfg, rebuild, u, rest, dose_arrays, obs, resets):
 
 def _augmented_flow(cfg, field, u, t0, t1, y, sens, rate, drate):
     """Integrate ``(x, S)`` from ``t0`` to ``t1`` (no steps when equal); state and result code."""
+    from ._covariate_hook import span
+
     eye = jnp.eye(u.shape[0], dtype=u.dtype)
+    t0, t1 = span(cfg, t0, t1)
 
     def vector_field(t, z, args):
         x, s = z

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -65,7 +65,7 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ..data._population import ALL_FEATURES
-from . import _sensitivity
+from . import _covariate_hook, _sensitivity
 
 if TYPE_CHECKING:
     from ..data import Population
@@ -143,6 +143,7 @@ class _Config(NamedTuple):
     has_periodic: bool  # SS with II > 0
     has_const: bool  # SS with II == 0 (constant infusion)
     has_reset: bool  # EVID 3/4 resets
+    covariates: tuple = ()  # covariates bound to rhs (`_covariate_hook`): record times on the grid
 
 
 class _Doses(NamedTuple):
@@ -177,6 +178,7 @@ def solve(
     dt0: float | None = None,
     adjoint: diffrax.AbstractAdjoint | None = None,
     return_status: bool = False,
+    covariates: Sequence[str] = (),
 ) -> Array | tuple[Array, Array]:
     """Solve ``dy/dt = rhs(t, y, params)`` for every subject, with its doses; states at the obs times.
 
@@ -215,6 +217,11 @@ def solve(
         `diffrax.ForwardMode` gives cheap forward-mode Jacobians (`jax.jacfwd`) instead.
     return_status : bool
         Also return the status of each subject.
+    covariates : sequence of str
+        Covariates the right-hand side reads at time ``t``: it is then called
+        ``rhs(t, y, p, cov)`` with ``cov[name]`` the subject's value at ``t`` by the population's
+        NOCB/LOCF rule (`Population.covariate_at`). Every record time becomes a point of the event
+        grid, so the solver never steps across a change (see `nlmegen.dynamics._covariate_hook`).
 
     Returns
     -------
@@ -238,7 +245,9 @@ def solve(
     ((12, 11, 2), 7.96)
     """
     n_subj = int(pop.times.shape[0])
-    cfg = _config(rhs, pop, solver, rtol, atol, max_steps, dt0, adjoint)
+    if covariates:
+        rhs, y0, params = _covariate_hook.bind(rhs, y0, pop, params, covariates)
+    cfg = _config(rhs, pop, solver, rtol, atol, max_steps, dt0, adjoint)._replace(covariates=tuple(covariates))
     _check_rates(pop, duration, rate)
     params = _per_subject(params, n_subj, "params")
     specs = {name: _spec(v, n_subj, name) for name, v in
@@ -417,6 +426,7 @@ def _dose_table(arrays: tuple, specs: dict, n_states: int) -> _Doses:
 
 def _flow(cfg: _Config, adjoint: Any, p: PyTree, t0: Array, t1: Array, y: Array, rate: Array):
     """Integrate ``rhs + rate`` from ``t0`` to ``t1`` (no steps when equal); state and result code."""
+    t0, t1 = _covariate_hook.span(cfg, t0, t1)
     term = diffrax.ODETerm(lambda t, y, args: cfg.rhs(t, y, args[0]) + args[1])
     sol = diffrax.diffeqsolve(
         term, cfg.solver, t0, t1, cfg.dt0, y, (p, rate), stepsize_controller=cfg.controller,
@@ -426,7 +436,7 @@ def _flow(cfg: _Config, adjoint: Any, p: PyTree, t0: Array, t1: Array, y: Array,
 
 def _subject(cfg: _Config, p, y0, obs, doses: _Doses, resets, yss):
     """States of one subject at its observation times, and its status code."""
-    grid = _grid(cfg, y0, obs, doses, resets, yss)
+    grid = _grid(cfg, y0, obs, doses, resets, yss, _covariate_hook.extra_times(cfg, p))
     t_grid, rate, is_reset, ss1, ss2, y_ss, bolus, pos_obs, t_init = grid
 
     def step(carry, x):
@@ -476,7 +486,7 @@ def _group(time, valid, order, n: int, owner=None, reset=None, ss1=None, ss2=Non
                   jnp.full(time.shape, -1, jnp.int32) if owner is None else owner.astype(jnp.int32))
 
 
-def _events(cfg: _Config, y0, obs, d: _Doses, resets, yss) -> dict[str, _Group]:
+def _events(cfg: _Config, y0, obs, d: _Doses, resets, yss, extra=None) -> dict[str, _Group]:
     """Candidate events of one subject by kind: observations, dose starts, infusion ends, steady
     states, the doses of steady-state trains continued past their record (`_train`) and resets."""
     n_d, n = d.t.shape[0], y0.shape[0]
@@ -505,6 +515,9 @@ def _events(cfg: _Config, y0, obs, d: _Doses, resets, yss) -> dict[str, _Group]:
     if cfg.has_reset:
         t_r, mask_r, index_r = resets
         groups["reset"] = _group(t_r, mask_r, index_r * 4 + _RESET, n, reset=mask_r)
+    if extra is not None:  # record times of bound covariates: grid points without an event
+        t_x, mask_x = extra
+        groups["covariates"] = _group(t_x, mask_x, jnp.zeros(t_x.shape, jnp.int32), n)
     return groups
 
 
@@ -563,9 +576,10 @@ def _train_too_long(d: _Doses) -> Array:
     return jnp.any(d.valid & (d.ss != 0) & (d.ii > 0) & beyond)
 
 
-def _grid(cfg: _Config, y0, obs, d: _Doses, resets, yss):
-    """The sorted event grid of one subject, with the infusion rate of each segment."""
-    groups = _events(cfg, y0, obs, d, resets, yss)
+def _grid(cfg: _Config, y0, obs, d: _Doses, resets, yss, extra=None):
+    """The sorted event grid of one subject, with the infusion rate of each segment (``extra``:
+    ``(times, mask)`` of further grid points without an event)."""
+    groups = _events(cfg, y0, obs, d, resets, yss, extra)
     time, valid, order, is_reset, ss1, ss2, y_ss, bolus, owner = (
         jnp.concatenate(parts) for parts in zip(*groups.values(), strict=True))
     t_obs, mask_obs, _ = obs
@@ -744,6 +758,8 @@ def _variational_flow(cfg: _Config, adjoint, p, t0, t1, z, rate):
         y, sens = z
         dy, tangent = jax.linearize(lambda x: cfg.rhs(t, x, args[0]), y)
         return dy + args[1], jax.vmap(tangent, in_axes=1, out_axes=1)(sens)
+
+    t0, t1 = _covariate_hook.span(cfg, t0, t1)
 
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field), cfg.solver, t0, t1, cfg.dt0, z, (p, rate),

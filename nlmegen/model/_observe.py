@@ -1,4 +1,4 @@
-"""Observed sites: padding masks, output (DVID) selection, M3 censoring, residual error models."""
+"""Observed sites: padding masks, output (DVID) selection, M3/M4 censoring, residual error models."""
 
 from __future__ import annotations
 
@@ -21,25 +21,37 @@ SUPPORT_TAG = "nlmegen_support"  # support of the user's distribution (where a D
 
 
 class Censored(dist.Distribution):
-    """A distribution whose censored records contribute a CDF (Beal's M3 method).
+    """A distribution whose censored records contribute a CDF (Beal's M3 and M4 methods).
 
     ``cens`` is 0 (observed: density), 1 (left-censored below ``limit``: log CDF) or -1
-    (right-censored above ``limit``: log survival). Sampling ignores censoring (draws from ``base``).
+    (right-censored above ``limit``: log survival). With ``lower`` (M4, ``lower = 0``) every record
+    is conditioned on ``Y > lower`` (the variable is known to be positive): an observed value
+    contributes ``p(y) / P(Y > 0)``, a left-censored one ``(P(Y < LLOQ) - P(Y < 0)) / P(Y > 0)``,
+    a right-censored one ``P(Y > ULOQ) / P(Y > 0)``. Sampling ignores censoring; under M4 it draws
+    from the truncated distribution when ``base`` has an inverse CDF (Normal does).
 
-    References: Beal SL, J Pharmacokinet Pharmacodyn 2001;28:481-504 (method M3).
+    References: Beal SL, J Pharmacokinet Pharmacodyn 2001;28:481-504 (methods M3 and M4);
+    Ahn JE et al., J Pharmacokinet Pharmacodyn 2008;35:401-421 (M3 and M4 compared).
     """
 
     arg_constraints = {}
     support = constraints.real
-    pytree_data_fields = ("base", "cens", "limit")
+    pytree_data_fields = ("base", "cens", "limit", "lower")
 
-    def __init__(self, base: dist.Distribution, cens: Array, limit: Array, *, validate_args=None):
+    def __init__(self, base: dist.Distribution, cens: Array, limit: Array, *, lower: Array | None = None,
+                 validate_args=None):
         self.base, self.cens, self.limit = base, jnp.asarray(cens), jnp.asarray(limit)
+        self.lower = None if lower is None else jnp.asarray(lower, dtype=float)
         batch = jnp.broadcast_shapes(base.batch_shape, self.cens.shape, self.limit.shape)
         super().__init__(batch_shape=batch, event_shape=base.event_shape, validate_args=validate_args)
 
     def sample(self, key, sample_shape=()):
-        return jnp.broadcast_to(self.base.sample(key, sample_shape), sample_shape + self.batch_shape)
+        shape = sample_shape + self.batch_shape
+        if self.lower is not None and hasattr(self.base, "icdf"):  # inverse CDF of the truncated law
+            p0 = jnp.exp(_log_cdf_and_survival(self.base, jnp.broadcast_to(self.lower, self.batch_shape))[0])
+            u = jax.random.uniform(key, shape, minval=0.0, maxval=1.0)
+            return self.base.icdf(p0 + u * (1.0 - p0))
+        return jnp.broadcast_to(self.base.sample(key, sample_shape), shape)
 
     def log_prob(self, value):
         censored = self.cens != 0
@@ -47,8 +59,15 @@ class Censored(dist.Distribution):
         # both branches stay finite, so neither poisons gradients (the double-where rule)
         limit = jnp.where(censored & jnp.isfinite(self.limit), self.limit, self.base.mean)
         density = self.base.log_prob(jnp.where(censored, limit, value))
-        lower, upper = _log_cdf_and_survival(self.base, limit)
-        return jnp.where(self.cens == 1, lower, jnp.where(self.cens == -1, upper, density))
+        log_cdf, log_surv = _log_cdf_and_survival(self.base, limit)
+        if self.lower is None:
+            return jnp.where(self.cens == 1, log_cdf, jnp.where(self.cens == -1, log_surv, density))
+        # M4: log P(lower < Y <= L) = log F(L) + log(1 - F(lower) / F(L)); every term / P(Y > lower)
+        log_f0, log_s0 = _log_cdf_and_survival(self.base, jnp.broadcast_to(self.lower, jnp.shape(limit)))
+        ratio = jnp.minimum(log_f0 - log_cdf, -1e-12)  # a limit at or below `lower` leaves (almost) no mass
+        between = log_cdf + jnp.log(-jnp.expm1(ratio))
+        out = jnp.where(self.cens == 1, between, jnp.where(self.cens == -1, log_surv, density))
+        return out - log_s0
 
     @property
     def mean(self):
@@ -69,7 +88,8 @@ def _log_cdf_and_survival(base: dist.Distribution, x: Array) -> tuple[Array, Arr
     return jnp.log(jnp.clip(cdf, tiny, 1.0)), jnp.log(jnp.clip(1.0 - cdf, tiny, 1.0))
 
 
-def observe(name: str, distribution: dist.Distribution, pop, *, output: str | int | None = None):
+def observe(name: str, distribution: dist.Distribution, pop, *, output: str | int | None = None,
+            blq: str = "m3"):
     """Declare the observations of one output as the observed site ``name``.
 
     Parameters
@@ -83,11 +103,16 @@ def observe(name: str, distribution: dist.Distribution, pop, *, output: str | in
         The population; its ``dv`` is the observed value.
     output
         Which output (DVID label) this site describes; required when ``pop`` has several.
+    blq
+        ``"m3"`` (default): censored (BLQ) records contribute their CDF, ``P(Y < LLOQ)`` (Beal's M3).
+        ``"m4"``: the same likelihood conditioned on ``Y > 0`` for every record of the site
+        (Beal's M4, for quantities known to be positive such as concentrations):
+        ``p(y) / P(Y > 0)`` observed, ``(P(Y < LLOQ) - P(Y < 0)) / P(Y > 0)`` censored.
 
     Notes
     -----
     Padded entries and other outputs' records are masked out; censored (BLQ) records contribute
-    their CDF (M3). The site has batch shape ``[subj]`` and event shape ``[obs]`` so its
+    their CDF (M3, or M4 with ``blq="m4"``). The site has batch shape ``[subj]`` and event shape ``[obs]`` so its
     log-probability is one number per subject. Call it inside :func:`nlmegen.subjects`.
 
     Examples
@@ -111,8 +136,13 @@ def observe(name: str, distribution: dist.Distribution, pop, *, output: str | in
     if distribution.event_shape:
         raise ModelError(f"observe({name!r}): give a distribution with one value per observation "
                          f"(event shape (), not {distribution.event_shape})")
+    if blq not in ("m3", "m4"):
+        raise ModelError(f"observe({name!r}): blq must be 'm3' or 'm4', not {blq!r}")
     base = distribution.expand(shape)
-    fn = Censored(base, pop.cens, pop.limit) if _has_censoring(pop) else base
+    if blq == "m4":  # conditioned on Y > 0 whether or not a record is censored
+        fn = Censored(base, pop.cens, pop.limit, lower=0.0)
+    else:
+        fn = Censored(base, pop.cens, pop.limit) if _has_censoring(pop) else base
     site_fn = fn.mask(mask).to_event(1)
     index = None if output is None else pop.output_index(output)
     return numpyro.sample(name, site_fn, obs=pop.dv,
