@@ -33,7 +33,8 @@ def test_a_collapsed_omega_is_restarted_where_that_lowers_the_ofv(problem):
     res = _at(problem, collapsed)
     out = problem.boundary_restart(lambda x: problem.evaluate(x)[:2] + (None,), res, start)
     assert out is not None
-    x1, first, note = out
+    x1, first, note, grads = out
+    assert grads.shape == (problem.pop.n_subjects, start.size)
     assert start[k] - np.log(100.0) <= x1[k] <= start[k] and np.all(np.delete(x1, k) == np.delete(collapsed, k))
     assert first[0] < res.fun and "omega[0]" in note
 
