@@ -72,7 +72,7 @@ def test_devices_setting_is_checked():
     from nlmegen.infer.laplace.shard import shard_count
 
     assert shard_count(None, 12) == min(jax.local_device_count(), 12)
-    with pytest.raises(ValueError, match="local device"):
+    with pytest.raises(ValueError, match="device\(s\) are visible"):
         shard_count(jax.local_device_count() + 1, 12)
     with pytest.raises(ValueError, match="positive integer"):
         shard_count(0, 12)
