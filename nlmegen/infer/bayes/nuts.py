@@ -35,8 +35,10 @@ from ..laplace.backend import check_population
 from ..shared import checkpoint
 from ..shared.checks import check_fit
 from ..shared.result import FitResult
+from ..shared.shard import shard_count
 from ..shared.start import bayesian_inputs
 from . import nuts_loop
+from .shard import ShardedNUTS
 
 __all__ = ["NUTS"]
 
@@ -71,6 +73,11 @@ class NUTS:
         Non-centre random effects with a Normal distribution (``Normal`` or ``Normal(...).to_event``):
         ``LocScaleReparam(centered=0)``. Other random-effect distributions (e.g.
         ``MultivariateNormal``) are sampled as written.
+    devices
+        Devices the subjects are split over in every evaluation of the log density (`shard`:
+        ``shard_map`` with a ``psum`` of the subjects' terms; the chains then run vectorised).
+        ``1`` (default): one device per chain program (``chain_method="parallel"`` uses several
+        devices for several chains instead); ``None``: all devices; or a number.
 
     Notes
     -----
@@ -99,8 +106,14 @@ class NUTS:
     chain_method: str = "auto"
     progress: bool = True
     noncentered: bool = True
+    devices: int | None = 1
 
     def resolved_chain_method(self) -> str:
+        if self.devices != 1:  # the devices hold the subjects: the chains are vectorised
+            if self.chain_method not in ("auto", "vectorized"):
+                raise ValueError(f"devices={self.devices!r} splits the subjects over the devices: the chains run "
+                                 f"vectorised, not {self.chain_method!r} (set devices=1 for that)")
+            return "vectorized"
         if self.chain_method != "auto":
             return self.chain_method
         return "parallel" if jax.local_device_count() >= self.num_chains else "vectorized"
@@ -125,9 +138,14 @@ class NUTS:
         if reparam_sites:
             sampled = handlers.reparam(sampled, config={k: LocScaleReparam(centered=0) for k in reparam_sites})
         strategy = _init_strategy(init)
-        kernel = _NumPyroNUTS(sampled, target_accept_prob=self.target_accept_prob,
-                              max_tree_depth=self.max_tree_depth, init_strategy=strategy)
         chain_method = self.resolved_chain_method()
+        settings = {"target_accept_prob": self.target_accept_prob, "max_tree_depth": self.max_tree_depth,
+                    "init_strategy": strategy}
+        n_devices = shard_count(self.devices, pop.n_subjects)
+        if n_devices > 1:  # the subjects over the devices, one psum of the log density (shard)
+            kernel = ShardedNUTS(sampled, n_devices, pop, **settings)
+        else:
+            kernel = _NumPyroNUTS(sampled, **settings)
         stopped, compile_s = None, float("nan")
         start = time.perf_counter()
         if chain_method == "vectorized" or self.num_chains == 1:

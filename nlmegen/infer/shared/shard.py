@@ -87,7 +87,7 @@ class Layout:
     @classmethod
     def build(cls, n_subjects: int, n_devices: int, cost=None) -> Layout:
         """Balanced layout: subjects by decreasing ``cost`` (ties in subject order) dealt to the
-        devices in turn, rank r to device ``r % n_devices``; no cost keeps the subject order."""
+        devices in turn, rank r to device ``r % n_devices``; without a cost the ranks are the subject order."""
         per = math.ceil(n_subjects / n_devices)
         order = jnp.arange(n_subjects) if cost is None else jnp.argsort(-jnp.asarray(cost), stable=True)
         rank = np.arange(n_subjects)
@@ -108,3 +108,22 @@ class Layout:
     def restore(self, tree):
         """Per-slot outputs (leading axis) back in the original subject order (padding dropped)."""
         return jax.tree_util.tree_map(lambda a: a[self.position], tree)
+
+
+def per_subject(fn, n_devices: int, n_shared: int):
+    """``fn(*shared, *subject_args, pop)`` (outputs: arrays with a leading subject axis) computed with
+    the subjects split over ``n_devices`` devices; outputs in the original subject order.
+
+    The first ``n_shared`` arguments are replicated; the others (and ``pop``, the last) lead with
+    the subject axis. Nothing is summed: per-subject work only (an MCMC transition, a log density).
+    """
+    mesh = subject_mesh(n_devices)
+
+    def wrapped(*args):
+        shared, own, pop = args[:n_shared], args[n_shared:-1], args[-1]
+        layout = Layout.build(pop.n_subjects, n_devices, subject_cost(pop))
+        specs = (P(),) * n_shared + (P(AXIS),) * (len(own) + 1)
+        sharded = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(AXIS), check_vma=False)
+        return layout.restore(sharded(*shared, *layout.take(own), layout.take_pop(pop)))
+
+    return wrapped
