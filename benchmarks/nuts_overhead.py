@@ -44,12 +44,12 @@ def _min_ess(draws: dict, chains: int, samples: int) -> float:
 
 def gradient_cost(pop, data) -> dict:
     import jax
+    import numpyro_nuts as hand
     from numpyro import handlers
     from numpyro.infer.reparam import LocScaleReparam
     from numpyro.infer.util import initialize_model
 
     import nlmegen
-    import numpyro_nuts as hand
 
     ours = handlers.reparam(nlmegen.examples.theo_model, config={"eta": LocScaleReparam(centered=0)})
     out = {}
@@ -93,9 +93,8 @@ def run_ours(pop, warmup, samples, chains, seed) -> dict:
 def run_hand(data, warmup, samples, chains, seed) -> dict:
     import jax
     import numpy as np
-    from numpyro.infer import MCMC, NUTS
-
     import numpyro_nuts as hand
+    from numpyro.infer import MCMC, NUTS
 
     mcmc = MCMC(NUTS(hand.model), num_warmup=warmup, num_samples=samples, num_chains=chains,
                 chain_method="vectorized", progress_bar=False)
@@ -118,12 +117,12 @@ def main() -> None:
     parser.add_argument("--label", default="after")
     args = parser.parse_args()
 
+    import _design
     import jax
+    import numpyro_nuts as hand
     import pandas as pd
 
-    import _design
     import nlmegen
-    import numpyro_nuts as hand
 
     csv = _design.theo_sd()
     table = pd.read_csv(csv)
@@ -146,7 +145,7 @@ def main() -> None:
                "steps_per_draw": {"nlmegen": med(ours, "steps_per_draw"), "hand": med(ref, "steps_per_draw")}}
     # the ratio of the medians over seeds, and the median of the per-seed ratios
     summary["ratio_of_medians"] = summary["ess_per_s"]["nlmegen"] / summary["ess_per_s"]["hand"]
-    summary["median_ratio"] = statistics.median(a["ess_per_s"] / b["ess_per_s"] for a, b in zip(ours, ref))
+    summary["median_ratio"] = statistics.median(a["ess_per_s"] / b["ess_per_s"] for a, b in zip(ours, ref, strict=True))
     record = {"settings": vars(args), "gradient": grads, "nlmegen": ours, "hand": ref, "summary": summary,
               "machine": {"cpus": __import__("os").cpu_count(), "jax": jax.__version__,
                           "nlmegen": nlmegen.__version__},
