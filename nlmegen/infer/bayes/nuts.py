@@ -37,7 +37,7 @@ from ..laplace.backend import check_population
 from ..shared import checkpoint
 from ..shared.checks import check_fit
 from ..shared.result import FitResult
-from ..shared.shard import shard_count
+from ..shared.shard import shard_count, single_process
 from ..shared.start import bayesian_inputs
 from . import nuts_loop
 from .shard import ShardedNUTS
@@ -144,6 +144,7 @@ class NUTS:
         settings = {"target_accept_prob": self.target_accept_prob, "max_tree_depth": self.max_tree_depth,
                     "init_strategy": strategy}
         n_devices = shard_count(self.devices, pop.n_subjects)
+        single_process("NUTS", n_devices)
         if n_devices > 1:  # the subjects over the devices, one psum of the log density (shard)
             kernel = ShardedNUTS(sampled, n_devices, pop, **settings)
         else:

@@ -51,7 +51,7 @@ from ..shared.checks import check_fit
 from ..shared.draws import summarise_draws
 from ..shared.progress import compiling
 from ..shared.result import FitResult
-from ..shared.shard import shard_count
+from ..shared.shard import shard_count, single_process
 from ..shared.start import bayesian_inputs
 from .encoder import EncoderGuide, encoder_config, encoder_forward
 from .nuts import _init_strategy, _is_param, _normal_random_effects
@@ -264,6 +264,7 @@ class SVI:
     def elbo(self, target, pop):
         """NumPyro's ``Trace_ELBO``; with several devices, its model term split by subjects (`shard`)."""
         n_devices = shard_count(self.devices, pop.n_subjects)
+        single_process("SVI", n_devices)
         if n_devices > 1:
             return ShardedTraceELBO(target, n_devices, pop, num_particles=self.num_particles)
         return Trace_ELBO(num_particles=self.num_particles)

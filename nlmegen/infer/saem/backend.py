@@ -76,7 +76,7 @@ from ..shared.checks import check_fit
 from ..shared.joint import joint_mode, joint_steps
 from ..shared.progress import compiling
 from ..shared.result import _positive_valued
-from ..shared.shard import per_subject, shard_count
+from ..shared.shard import per_subject, replicated, shard_count, subject_mesh
 from ..shared.start import starting_point, theta_labels
 from .kernels import KERNELS, TARGET_ACCEPT, EState, adapt, hmc_step, nuts_step, rwm_step
 
@@ -590,7 +590,11 @@ class _SAEMProblem:
 
         start = time.perf_counter()
         with compiling(f"the SAEM iteration ({self.backend.chunk} per call)", self.backend.progress):
-            compiled = jax.jit(chunk_fn).lower(carry, sched_chunk, self.pop).compile()
+            # several devices (of one or several processes): inputs and outputs replicated, every
+            # process passing the same values (see `shared.shard`)
+            shardings = {} if self.n_devices == 1 else dict(in_shardings=replicated(subject_mesh(self.n_devices)),
+                                                           out_shardings=replicated(subject_mesh(self.n_devices)))
+            compiled = jax.jit(chunk_fn, **shardings).lower(carry, sched_chunk, self.pop).compile()
         _CACHE[key] = compiled
         return compiled, time.perf_counter() - start
 

@@ -30,7 +30,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["AXIS", "Layout", "replicated", "shard_count", "subject_cost", "subject_mesh"]
+__all__ = ["AXIS", "Layout", "per_subject", "replicated", "shard_count", "single_process", "subject_cost",
+           "subject_mesh"]
 
 AXIS = "subjects"
 
@@ -51,6 +52,14 @@ def shard_count(setting, n_subjects: int) -> int:
         raise ValueError(f"devices={setting}: with {jax.process_count()} processes use every device "
                          f"(devices=None, {available}) or one (devices=1, this process alone)")
     return setting
+
+
+def single_process(method: str, n_devices: int) -> None:
+    """Refuse a split over the devices of several processes where ``method`` does not support it."""
+    if n_devices > 1 and jax.process_count() > 1:
+        raise NotImplementedError(f"{method}: splitting the subjects over the devices of {jax.process_count()} "
+                                  "processes is implemented for FOCEI/FOCE/FO/Laplace and SAEM; use devices=1 "
+                                  "(each process on its own) or run this method in one process")
 
 
 def subject_mesh(n_devices: int) -> jax.sharding.Mesh:
