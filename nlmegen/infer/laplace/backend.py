@@ -89,10 +89,12 @@ class Laplace:
         ``"auto"`` (default): up to 500 steps for models with network weights or more than 32 free
         parameters (Bayesian network weights, given a prior), none otherwise.
     devices
-        Local devices the subjects are split over in every evaluation (`shard`: ``shard_map``
-        with a ``psum`` of the OFV and its gradient). ``None`` (default): all of them (one CPU
-        device unless ``XLA_FLAGS=--xla_force_host_platform_device_count=N``; every GPU). With
-        ``map=True`` evaluations run on one device.
+        Devices the subjects are split over in every evaluation (`shard`: ``shard_map`` with a
+        ``psum`` of the OFV and its gradient; subjects in a cost-balanced layout). ``None``
+        (default): all of them, those of every process after
+        `nlmegen.parallel.distributed.initialize` included (one CPU device unless
+        ``XLA_FLAGS=--xla_force_host_platform_device_count=N``; every GPU). With ``map=True``
+        evaluations run on one device.
 
     References
     ----------
