@@ -278,7 +278,8 @@ class _SAEMProblem:
         self.n_chains = backend.num_chains or max(1, math.ceil(50 / n))
         self.warnings: list[str] = []
         self.n_devices = shard_count(backend.devices, n)
-        self._sharded_log_joint = per_subject(density.subject_log_joint, self.n_devices, 1)
+        if self.n_devices > 1:
+            self._sharded_log_joint = per_subject(density.subject_log_joint, self.n_devices, 1)
 
     def subject_log_joint(self, theta, eta, pop):
         """``density.subject_log_joint``, with the subjects split over the devices when there are several."""
