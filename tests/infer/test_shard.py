@@ -17,7 +17,11 @@ SCRIPT = textwrap.dedent("""
     import json, sys, jax, numpy as np, nlmegen
     from nlmegen.infer.laplace import backend
     assert jax.local_device_count() == 8, jax.devices()
-    pop = nlmegen.read_nonmem(nlmegen.datasets.load("theo_sd"))   # 12 subjects: 2 per device, 4 padded
+    table = nlmegen.datasets.load("theo_sd")
+    obs = table[table["EVID"] == 0]
+    drop = [i for sid, rows in obs.groupby("ID") for i in rows.index[len(rows) - sid % 5:]]
+    # 12 subjects with 7 to 11 observations: 2 per device, 4 padded, reordered by the cost layout
+    pop = nlmegen.read_nonmem(table.drop(index=drop))
     out = {}
     for engine in sys.argv[1:]:
         one = nlmegen.fit(nlmegen.examples.theo_model, pop, nlmegen.FOCEI(devices=1, engine=engine, progress=False))
@@ -72,7 +76,27 @@ def test_devices_setting_is_checked():
     from nlmegen.infer.laplace.shard import shard_count
 
     assert shard_count(None, 12) == min(jax.local_device_count(), 12)
-    with pytest.raises(ValueError, match="local device"):
+    with pytest.raises(ValueError, match=r"device\(s\) are visible"):
         shard_count(jax.local_device_count() + 1, 12)
     with pytest.raises(ValueError, match="positive integer"):
         shard_count(0, 12)
+
+
+def test_layout_balances_costs_and_restores_the_order():
+    import numpy as np
+
+    from nlmegen.infer.shared.shard import Layout
+
+    cost = np.array([3, 9, 1, 7, 7, 2, 8, 5, 4, 6, 10])  # 11 subjects over 4 devices: 3 slots each, 1 padded
+    layout = Layout.build(cost.size, 4, cost)
+    slots, real = np.asarray(layout.slots).reshape(4, 3), np.asarray(layout.real).reshape(4, 3)
+    assert layout.per == 3 and real.sum() == 11
+    assert sorted(slots[real].tolist()) == list(range(11))  # every subject once
+    # heaviest first, dealt in turn: device d holds ranks d, d + 4, d + 8
+    ranked = np.argsort(-cost, kind="stable")
+    assert slots[:, 0].tolist() == ranked[:4].tolist() and slots[:3, 2].tolist() == ranked[8:].tolist()
+    loads = np.where(real, cost[slots], 0).sum(axis=1)
+    assert loads.max() - loads.min() <= cost.max() - cost.min()  # no device holds all the heavy subjects
+    x = np.arange(11.0) * 10
+    assert np.array_equal(np.asarray(layout.restore(layout.take(x))), x)  # back in subject order
+    assert np.array_equal(np.asarray(Layout.build(5, 2).slots), [0, 2, 4, 1, 3, 0])  # no cost: dealt in subject order

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from numpyro import handlers
+from numpyro.distributions.transforms import biject_to
 from numpyro.infer import MCMC
 from numpyro.infer import NUTS as _NumPyroNUTS
-from numpyro.infer.initialization import init_to_median, init_to_sample, init_to_value
+from numpyro.infer.initialization import init_to_sample, init_to_uniform, init_to_value
 from numpyro.infer.reparam import LocScaleReparam
 
 from ...model import discover
@@ -35,8 +37,10 @@ from ..laplace.backend import check_population
 from ..shared import checkpoint
 from ..shared.checks import check_fit
 from ..shared.result import FitResult
+from ..shared.shard import shard_count, single_process
 from ..shared.start import bayesian_inputs
 from . import nuts_loop
+from .shard import ShardedNUTS
 
 __all__ = ["NUTS"]
 
@@ -71,6 +75,11 @@ class NUTS:
         Non-centre random effects with a Normal distribution (``Normal`` or ``Normal(...).to_event``):
         ``LocScaleReparam(centered=0)``. Other random-effect distributions (e.g.
         ``MultivariateNormal``) are sampled as written.
+    devices
+        Devices the subjects are split over in every evaluation of the log density (`shard`:
+        ``shard_map`` with a ``psum`` of the subjects' terms; the chains then run vectorised).
+        ``1`` (default): one device per chain program (``chain_method="parallel"`` uses several
+        devices for several chains instead); ``None``: all devices; or a number.
 
     Notes
     -----
@@ -99,8 +108,14 @@ class NUTS:
     chain_method: str = "auto"
     progress: bool = True
     noncentered: bool = True
+    devices: int | None = 1
 
     def resolved_chain_method(self) -> str:
+        if self.devices != 1:  # the devices hold the subjects: the chains are vectorised
+            if self.chain_method not in ("auto", "vectorized"):
+                raise ValueError(f"devices={self.devices!r} splits the subjects over the devices: the chains run "
+                                 f"vectorised, not {self.chain_method!r} (set devices=1 for that)")
+            return "vectorized"
         if self.chain_method != "auto":
             return self.chain_method
         return "parallel" if jax.local_device_count() >= self.num_chains else "vectorized"
@@ -129,9 +144,15 @@ class NUTS:
         if reparam_sites:
             sampled = handlers.reparam(sampled, config={k: LocScaleReparam(centered=0) for k in reparam_sites})
         strategy = _init_strategy(init)
-        kernel = _NumPyroNUTS(sampled, target_accept_prob=self.target_accept_prob,
-                              max_tree_depth=self.max_tree_depth, init_strategy=strategy)
         chain_method = self.resolved_chain_method()
+        settings = {"target_accept_prob": self.target_accept_prob, "max_tree_depth": self.max_tree_depth,
+                    "init_strategy": strategy}
+        n_devices = shard_count(self.devices, pop.n_subjects)
+        single_process("NUTS", n_devices)
+        if n_devices > 1:  # the subjects over the devices, one psum of the log density (shard)
+            kernel = ShardedNUTS(sampled, n_devices, pop, **settings)
+        else:
+            kernel = _NumPyroNUTS(sampled, **settings)
         stopped, compile_s = None, float("nan")
         start = time.perf_counter()
         if chain_method == "vectorized" or self.num_chains == 1:
@@ -166,6 +187,27 @@ def _init_strategy(init: dict):
     if not init:
         return init_to_median()
     return functools.partial(_init_to_value_or_median, values=init)  # NumPyro wants a partial
+
+
+def init_to_median(site=None, num_samples: int = 15):
+    """NumPyro's ``init_to_median`` (the median of ``num_samples`` prior draws, on the unconstrained
+    scale), with the median as the middle of the sorted draws instead of ``jnp.median``: the same
+    values (``num_samples`` odd), without a quantile program compiled op by op for every site and
+    chain, which made NumPyro's strategy 1.3-3 s of a theo_sd NUTS run (`benchmarks/nuts_overhead.py`)."""
+    if site is None:
+        return functools.partial(init_to_median, num_samples=num_samples)
+    if site["type"] != "sample" or site["is_observed"] or site["fn"].support.is_discrete:
+        return None
+    if site["value"] is not None:
+        return site["value"]
+    try:
+        draws = site["fn"](sample_shape=(num_samples,) + site["kwargs"].get("sample_shape"),
+                           rng_key=site["kwargs"].get("rng_key"))
+        transform = biject_to(site["fn"].support)
+        u = jnp.sort(transform.inv(draws), axis=0)
+        return transform(0.5 * (u[(num_samples - 1) // 2] + u[num_samples // 2]))
+    except NotImplementedError:
+        return init_to_uniform(site)
 
 
 def _init_to_value_or_median(site=None, values=None):

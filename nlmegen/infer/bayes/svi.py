@@ -51,9 +51,11 @@ from ..shared.checks import check_fit
 from ..shared.draws import summarise_draws
 from ..shared.progress import compiling
 from ..shared.result import FitResult
+from ..shared.shard import shard_count, single_process
 from ..shared.start import bayesian_inputs
 from .encoder import EncoderGuide, encoder_config, encoder_forward
 from .nuts import _init_strategy, _is_param, _normal_random_effects
+from .shard import ShardedTraceELBO
 from .svi_flows import LocatedBNAF, LocatedIAF
 
 __all__ = ["SVI", "Encoding", "TrainedGuide", "encode", "svi_guide"]
@@ -116,6 +118,11 @@ class SVI:
         Steps per compiled chunk (the progress bar and the NaN check run between chunks).
     progress
         Show a progress bar.
+    devices
+        Devices the subjects are split over in the model's log density (`shard`: ``shard_map``
+        with a ``psum`` of the subjects' terms; the guide is evaluated whole). ``None`` (default):
+        all of them (one CPU device unless ``XLA_FLAGS=--xla_force_host_platform_device_count=N``),
+        or a number.
 
     Notes
     -----
@@ -172,6 +179,7 @@ class SVI:
     population_guide: str = "normal"
     chunk_size: int = 500
     progress: bool = True
+    devices: int | None = None
 
     def __post_init__(self):
         _guide_name(self.guide)
@@ -243,8 +251,7 @@ class SVI:
         target, reparam_sites = self._target(model, pop, sites, fixed, random, kind)
         k_guide, k_init, k_run, k_draw = jax.random.split(key, 4)
         guide = self._make_guide(target, pop, sites, init, random, k_guide)
-        svi = _NumPyroSVI(target, guide, optax_to_numpyro(self.optimizer()),
-                          Trace_ELBO(num_particles=self.num_particles))
+        svi = _NumPyroSVI(target, guide, optax_to_numpyro(self.optimizer()), self.elbo(target, pop))
         state, losses, compile_s, run_s, stopped = self._optimise(svi, pop, k_init, k_run)
         params = svi.get_params(state)
         trained = TrainedGuide(kind=kind, guide=guide, params=params, model=target, sites=sites,
@@ -257,6 +264,14 @@ class SVI:
             result = checkpoint.mark_interrupted(result, f"after {losses.size} of {self.num_steps} SVI steps")
         _remember(result, trained)
         return result
+
+    def elbo(self, target, pop):
+        """NumPyro's ``Trace_ELBO``; with several devices, its model term split by subjects (`shard`)."""
+        n_devices = shard_count(self.devices, pop.n_subjects)
+        single_process("SVI", n_devices)
+        if n_devices > 1:
+            return ShardedTraceELBO(target, n_devices, pop, num_particles=self.num_particles)
+        return Trace_ELBO(num_particles=self.num_particles)
 
     def _target(self, model, pop, sites, fixed: dict, random: list[str], kind: str):
         """The model as the guide sees it: fixed sites held, Normal random effects non-centred."""

@@ -89,10 +89,12 @@ class Laplace:
         ``"auto"`` (default): up to 500 steps for models with network weights or more than 32 free
         parameters (Bayesian network weights, given a prior), none otherwise.
     devices
-        Local devices the subjects are split over in every evaluation (`shard`: ``shard_map``
-        with a ``psum`` of the OFV and its gradient). ``None`` (default): all of them (one CPU
-        device unless ``XLA_FLAGS=--xla_force_host_platform_device_count=N``; every GPU). With
-        ``map=True`` evaluations run on one device.
+        Devices the subjects are split over in every evaluation (`shard`: ``shard_map`` with a
+        ``psum`` of the OFV and its gradient; subjects in a cost-balanced layout). ``None``
+        (default): all of them, those of every process after
+        `nlmegen.parallel.distributed.initialize` included (one CPU device unless
+        ``XLA_FLAGS=--xla_force_host_platform_device_count=N``; every GPU). With ``map=True``
+        evaluations run on one device.
 
     References
     ----------
@@ -555,10 +557,13 @@ def _compiled(key, engine: str, objective: Objective, use_map: bool, free: np.nd
 
     if engine == "reverse":
         value_and_grad = reverse_value_and_grad(objective, use_map, free_idx)  # noqa: F811
-    if n_devices > 1:  # the subjects split over local devices, one psum of the OFV and its gradient
-        value_and_grad = shard_subjects(value_and_grad, n_devices)  # noqa: F811
     args = (jnp.asarray(theta0)[free_idx], jnp.asarray(theta0), eta, pop)
-    store["value_and_grad"] = jax.jit(value_and_grad).lower(*args).compile()
+    if n_devices > 1:  # the subjects split over the devices, one psum of the OFV and its gradient
+        value_and_grad, sharding = shard_subjects(value_and_grad, n_devices)  # noqa: F811
+        store["value_and_grad"] = jax.jit(value_and_grad, in_shardings=sharding,
+                                          out_shardings=sharding).lower(*args).compile()
+    else:
+        store["value_and_grad"] = jax.jit(value_and_grad).lower(*args).compile()
     # compiled on first use: predictions are not always needed
     store["predict"] = jax.jit(functools.partial(_predict, objective))
     if len(_CACHE) >= _CACHE_SIZE:

@@ -28,6 +28,7 @@ implicit function theorem (`jax.lax.custom_root`).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -46,7 +47,7 @@ from ...model._observe import Censored
 __all__ = ["METHODS", "EBEState", "Local", "Objective"]
 
 METHODS = ("fo", "foce", "focei", "laplace")
-LOG_2PI = float(jnp.log(2 * jnp.pi))
+LOG_2PI = math.log(2 * math.pi)  # not jnp: no JAX backend at import (jax.distributed comes first)
 
 
 class EBEState(NamedTuple):

@@ -4,45 +4,30 @@ Subjects are independent given the population parameters, so every device comput
 contributions and gradients of its own block of subjects, and the totals are one ``psum`` of the
 per-subject OFVs and gradients (`jax.shard_map` over a one-axis mesh; theta replicated). Automatic
 partitioning of the adaptive ODE solves is avoided on purpose: per-device maps are the route for
-diffrax (its issue 407). The subject axis is padded to a multiple of the device count with copies of
-the first subject, masked out of the sums and sliced off the outputs, so the wrapped function has
-exactly the signature and outputs of the unsharded one.
+diffrax (its issue 407). Subjects sit in the balanced, padded `shared.shard.Layout` (padding
+masked out of the sums), and the per-subject outputs come back in the original order, so the
+wrapped function has exactly the signature and outputs of the unsharded one.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ..shared.shard import AXIS, Layout, replicated, shard_count, subject_cost, subject_mesh
 from .objective import EBEState
 
 __all__ = ["AXIS", "shard_subjects", "shard_count"]
 
-AXIS = "subjects"
-
-
-def shard_count(setting, n_subjects: int) -> int:
-    """Devices to split ``n_subjects`` over: ``setting`` None (all local devices), or a number."""
-    available = jax.local_device_count()
-    if setting is None:
-        return max(1, min(available, n_subjects))
-    if not isinstance(setting, int) or setting < 1:
-        raise ValueError(f"devices must be None (all local devices) or a positive integer, not {setting!r}")
-    if setting > available:
-        raise ValueError(f"devices={setting}, but only {available} local device(s) are visible "
-                         "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N before importing JAX)")
-    return setting
-
 
 def shard_subjects(value_and_grad, n_devices: int):
-    """``value_and_grad(theta_free, theta_all, eta0, pop)`` computed with the subjects split over
-    ``n_devices`` local devices; same outputs ``(ofv, grad, eta, ebe, ofv_i, grad_i, eta_jac)``."""
-    mesh = jax.make_mesh((n_devices,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.local_devices()[:n_devices])
+    """``value_and_grad(theta_free, theta_all, eta0, pop)`` computed with the subjects
+    split over ``n_devices`` devices; same outputs ``(ofv, grad, eta, ebe, ofv_i, grad_i, eta_jac)``.
+
+    Returns ``(wrapped, sharding)``: jit the wrapped function with ``sharding`` for its inputs and
+    outputs (replicated: every process passes the whole population, see `shared.shard`)."""
+    mesh = subject_mesh(n_devices)
     subj = P(AXIS)
 
     def local(theta_free, theta_all, eta0, pop, real):
@@ -60,16 +45,10 @@ def shard_subjects(value_and_grad, n_devices: int):
                             check_vma=False)
 
     def wrapped(theta_free, theta_all, eta0, pop):
-        n = eta0.shape[0]
-        per = math.ceil(n / n_devices)
-        index = jnp.concatenate([jnp.arange(n), jnp.zeros(per * n_devices - n, dtype=int)])
-        # each device sees a population of `per` subjects: its IDs (static, they set n_subjects) say so
-        padded = dataclasses.replace(jax.tree_util.tree_map(lambda a: a[index], pop), ids=tuple(range(per)))
-        real = jnp.arange(per * n_devices) < n
-        out = sharded(theta_free, theta_all, eta0[index], padded, real)
+        layout = Layout.build(pop.n_subjects, n_devices, subject_cost(pop))
+        out = sharded(theta_free, theta_all, layout.take(eta0), layout.take_pop(pop), layout.real)
         ofv, grad, eta, ebe, ofv_i, grad_i, eta_jac = out
-        cut = lambda a: a[:n]  # noqa: E731
-        ebe = EBEState(cut(ebe.eta), cut(ebe.converged), cut(ebe.grad_norm), ebe.iterations)
-        return ofv, grad, cut(eta), ebe, cut(ofv_i), cut(grad_i), cut(eta_jac)
+        ebe = EBEState(*layout.restore((ebe.eta, ebe.converged, ebe.grad_norm)), ebe.iterations)
+        return (ofv, grad, *layout.restore((eta,)), ebe, *layout.restore((ofv_i, grad_i, eta_jac)))
 
-    return wrapped
+    return wrapped, replicated(mesh)

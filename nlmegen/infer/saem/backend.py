@@ -76,6 +76,7 @@ from ..shared.checks import check_fit
 from ..shared.joint import joint_mode, joint_steps
 from ..shared.progress import compiling
 from ..shared.result import _positive_valued
+from ..shared.shard import per_subject, replicated, shard_count, subject_mesh
 from ..shared.start import starting_point, theta_labels
 from .kernels import KERNELS, TARGET_ACCEPT, EState, adapt, hmc_step, nuts_step, rwm_step
 
@@ -142,6 +143,12 @@ class SAEM:
         Iterations per compiled call (the progress bar advances per chunk).
     progress
         Show a progress bar.
+    devices
+        Devices the subjects are split over in the E-step and the M-step's derivatives (every
+        per-subject log density runs on its subject's device; `shared.shard`): ``None`` (default)
+        all of them (one CPU device unless ``XLA_FLAGS=--xla_force_host_platform_device_count=N``),
+        or a number. The random numbers are drawn as on one device: the same key gives the same
+        iterates.
 
     Notes
     -----
@@ -211,6 +218,7 @@ class SAEM:
     conv_tol: float = 0.01
     chunk: int = 50
     progress: bool = True
+    devices: int | None = None
 
     def __post_init__(self):
         def need(ok, what):
@@ -277,6 +285,15 @@ class _SAEMProblem:
         n = pop.n_subjects
         self.n_chains = backend.num_chains or max(1, math.ceil(50 / n))
         self.warnings: list[str] = []
+        self.n_devices = shard_count(backend.devices, n)
+        if self.n_devices > 1:
+            self._sharded_log_joint = per_subject(density.subject_log_joint, self.n_devices, 1)
+
+    def subject_log_joint(self, theta, eta, pop):
+        """``density.subject_log_joint``, with the subjects split over the devices when there are several."""
+        if self.n_devices == 1:
+            return self.density.subject_log_joint(theta, eta, pop)
+        return self._sharded_log_joint(theta, eta, pop)
 
     @classmethod
     def build(cls, backend, model, pop, init, fixed):
@@ -415,7 +432,7 @@ class _SAEMProblem:
         backend, density, pop = self.backend, self.density, self.pop
 
         def logdensity(eta):
-            return density.subject_log_joint(theta, eta, pop)
+            return self.subject_log_joint(theta, eta, pop)
 
         if backend.kernel == "rwm":
             return lambda k, s: rwm_step(k, s, logdensity)
@@ -429,7 +446,8 @@ class _SAEMProblem:
             one = dataclasses.replace(jax.tree_util.tree_map(lambda x: x[None], pop_i), ids=ids)
             return density.subject_log_joint(theta, eta_i[None], one)[0]
 
-        return lambda k, s: nuts_step(k, s, logdensity_one, pop, backend.max_tree_depth)
+        vmap = jax.vmap if self.n_devices == 1 else lambda f: per_subject(jax.vmap(f), self.n_devices, 0)
+        return lambda k, s: nuts_step(k, s, logdensity_one, pop, backend.max_tree_depth, vmap=vmap)
 
     def complete_ll(self, theta_part, theta, phi, idx=None, forward: bool = True):
         """Centred complete-data log-likelihood per chain and subject ``[chain, subj]``, as a function
@@ -438,7 +456,7 @@ class _SAEMProblem:
         full = theta.at[self.free_idx if idx is None else idx].set(theta_part)
         eta = phi - self.shift(full)
         with forward_mode() if forward else contextlib.nullcontext():
-            return jax.vmap(lambda e: self.density.subject_log_joint(full, e, self.pop))(eta)
+            return jax.vmap(lambda e: self.subject_log_joint(full, e, self.pop))(eta)
 
     def mstep_derivatives(self, theta, phi):
         """Gradient and negative Hessian of the complete-data log-likelihood in the free theta.
@@ -471,7 +489,7 @@ class _SAEMProblem:
         key, k_e = jax.random.split(carry["key"])
         kernel = self._kernel(theta)
         eta = carry["phi"] - self.shift(theta)
-        logp = jax.vmap(lambda e: self.density.subject_log_joint(theta, e, self.pop))(eta)
+        logp = jax.vmap(lambda e: self.subject_log_joint(theta, e, self.pop))(eta)
         estate = carry["estate"]._replace(eta=eta, logp=jnp.where(jnp.isnan(logp), -jnp.inf, logp))
         target = TARGET_ACCEPT[backend.kernel]
         rate = jnp.where(mstep, jnp.where(explore, 0.1, 0.1 * gamma), 0.0)
@@ -561,7 +579,7 @@ class _SAEMProblem:
         b = self.backend
         leaves = jax.tree_util.tree_leaves(self.pop)
         key = (self.model, b.kernel, b.n_kernel_steps, b.num_leapfrog, b.max_tree_depth, b.anneal, b.max_step,
-               b.hessian, b.network_lr, b.chunk, self.n_chains, tuple(self.free_idx.tolist()),
+               b.hessian, b.network_lr, b.chunk, self.n_chains, self.n_devices, tuple(self.free_idx.tolist()),
                tuple(self.centre.tolist()),
                tuple(self.variance_like.tolist()), jax.tree_util.tree_structure(self.pop),
                tuple((x.shape, x.dtype) for x in leaves))
@@ -581,7 +599,11 @@ class _SAEMProblem:
 
         start = time.perf_counter()
         with compiling(f"the SAEM iteration ({self.backend.chunk} per call)", self.backend.progress):
-            compiled = jax.jit(chunk_fn).lower(carry, sched_chunk, self.pop).compile()
+            # several devices (of one or several processes): inputs and outputs replicated, every
+            # process passing the same values (see `shared.shard`)
+            shardings = {} if self.n_devices == 1 else dict(in_shardings=replicated(subject_mesh(self.n_devices)),
+                                                           out_shardings=replicated(subject_mesh(self.n_devices)))
+            compiled = jax.jit(chunk_fn, **shardings).lower(carry, sched_chunk, self.pop).compile()
         _CACHE[key] = compiled
         return compiled, time.perf_counter() - start
 

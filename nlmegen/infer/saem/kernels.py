@@ -105,13 +105,14 @@ def hmc_step(key: Array, state: EState, logdensity, num_leapfrog: int) -> tuple[
     return state._replace(eta=eta, logp=logp), EInfo(accept_prob)
 
 
-def nuts_step(key: Array, state: EState, logdensity_one, subject_data: Any, max_tree_depth: int
-              ) -> tuple[EState, EInfo]:
+def nuts_step(key: Array, state: EState, logdensity_one, subject_data: Any, max_tree_depth: int,
+              vmap=jax.vmap) -> tuple[EState, EInfo]:
     """One NUTS transition per subject: NumPyro's functional NUTS kernel vmapped over subjects.
 
     ``logdensity_one(eta_i, data_i) -> scalar`` is one subject's log density given its slice of
     the data; the per-subject step size is ``exp(log_step)`` and the inverse mass matrix
-    ``C_i C_i'``.
+    ``C_i C_i'``. ``vmap`` maps a per-subject function over the subjects (a sharded map on
+    several devices).
     """
     from numpyro.infer.hmc import hmc
 
@@ -130,7 +131,7 @@ def nuts_step(key: Array, state: EState, logdensity_one, subject_data: Any, max_
         new = sample_kernel(hmc_state)
         return new.z, -new.potential_energy, new.mean_accept_prob
 
-    eta, logp, accept_prob = jax.vmap(one)(keys, state.eta, state.logp, state.log_step, state.chol, subject_data)
+    eta, logp, accept_prob = vmap(one)(keys, state.eta, state.logp, state.log_step, state.chol, subject_data)
     logp = _safe(logp)
     return state._replace(eta=eta, logp=logp), EInfo(accept_prob)
 

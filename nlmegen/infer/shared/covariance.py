@@ -74,11 +74,14 @@ def unidentified(subject_grads: np.ndarray, names: list[str], rtol: float = 1e-9
 
 
 def _inverse(matrix: np.ndarray) -> np.ndarray | None:
+    """The inverse of a positive definite ``matrix``; None when it is not (or is singular to working
+    precision: a Cholesky factor can pass with a rounding-size pivot where the LU of `inv` meets an
+    exact zero, e.g. S = G'G with two parameters whose subject gradients are identical)."""
     try:
         np.linalg.cholesky(matrix)
+        return np.linalg.inv(matrix)
     except np.linalg.LinAlgError:
         return None
-    return np.linalg.inv(matrix)
 
 
 def covariance_step(
