@@ -145,8 +145,14 @@ def test_nuts_reacts_to_sigint_within_seconds(pop, monkeypatch):
             threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
 
     monkeypatch.setattr(checkpoint, "save", save)
+    # Python's Ctrl-C handler: a shell's background job (`cmd &`, nohup) starts with SIGINT ignored,
+    # and this test would then sample for hours
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     backend = nlmegen.NUTS(num_warmup=40, num_samples=10**6, num_chains=2, progress=False)  # hours if not stopped
-    fit = nlmegen.fit(MODEL, pop, backend, key=KEY)
+    try:
+        fit = nlmegen.fit(MODEL, pop, backend, key=KEY)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     waited = time.perf_counter() - sent["at"]
     assert fit.status == "interrupted" and 0 < fit.draws["tcl"].shape[1] < 10**6
     assert waited < 20.0, waited  # ~1 s per compiled call, plus the summaries (generous: shared CPUs)
