@@ -59,7 +59,8 @@ def read_nonmem(
     units
         Units of the columns, outputs and covariates (``{"TIME": "h", "DV": "mg/L", "WT": "kg"}``;
         one DV unit per output name for several outputs), kept in ``pop.units`` for plot labels.
-        Default: ``source.attrs["units"]`` of a DataFrame (the bundled data sets carry them).
+        Default: ``source.attrs["units"]`` of a DataFrame (the bundled data sets carry them), less
+        the names the table no longer has (e.g. after keeping one output of several).
     occasions
         Occasions for inter-occasion variability (``pop.occasions``, ``pop.occ``): ``"auto"``
         (default) takes an ``OCC`` column when there is one (it stays a covariate too); a column
@@ -119,10 +120,12 @@ def read_nonmem(
     if require_observations:
         _require_observations(records, where)
     pop = _build(records, roles, rules, categories, tuple(str(c) for c in table.columns))
+    strict = units is not None  # units given here must name the data; a table's attrs may be stale
     if units is None and isinstance(source, pd.DataFrame):
         units = source.attrs.get("units")
     if units:
-        pop = dataclasses.replace(pop, units=normalise_units(units, pop.columns, pop.outputs, roles.covariates))
+        pop = dataclasses.replace(pop, units=normalise_units(units, pop.columns, pop.outputs, roles.covariates,
+                                                             strict=strict))
     if isinstance(occasions, str) and occasions == "auto":
         has_occ = any(str(c).upper() == OCCASION_COLUMN for c in pop.cov_values)
         occasions = OCCASION_COLUMN if has_occ else None

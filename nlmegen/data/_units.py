@@ -16,8 +16,13 @@ from ._columns import ROLES
 __all__ = ["normalise_units", "unit_of"]
 
 
-def normalise_units(units: Mapping[str, str] | None, columns: tuple, outputs: tuple, covariates: tuple) -> tuple:
-    """``((name, unit), ...)`` sorted: roles by their NONMEM name, outputs and covariates as spelled."""
+def normalise_units(units: Mapping[str, str] | None, columns: tuple, outputs: tuple, covariates: tuple,
+                    strict: bool = True) -> tuple:
+    """``((name, unit), ...)`` sorted: roles by their NONMEM name, outputs and covariates as spelled.
+
+    ``strict=False`` drops names the data do not have (units carried by a table's ``attrs`` after
+    its rows or columns were filtered, e.g. one output of several kept) instead of refusing them.
+    """
     if not units:
         return ()
     if not isinstance(units, Mapping):
@@ -27,6 +32,8 @@ def normalise_units(units: Mapping[str, str] | None, columns: tuple, outputs: tu
     out = {}
     for key, unit in units.items():
         upper = str(key).strip().upper()
+        if upper not in names and not strict:
+            continue
         if upper not in names:
             raise DataError(f"units: {key!r} is not a column role, an output or a covariate of the data "
                             f"(outputs {list(outputs)}, covariates {list(covariates)}, columns {list(columns)})")

@@ -40,3 +40,14 @@ def test_vpc_takes_the_data_units_without_being_told():
                          key=jax.random.key(0))
     ax = result.plot().axes[0]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("TIME (h)", "DV (mg/L)")
+
+
+def test_units_from_a_filtered_tables_attrs_keep_what_applies():
+    """A bundled table cut to one output (its DVID column dropped) keeps the units that still apply;
+    a name given explicitly that the data lack is still an error."""
+    table = nlmegen.datasets.load("warfarin")
+    table = table[table["dvid"] == "cp"].drop(columns="dvid")
+    pop = nlmegen.read_nonmem(table)
+    assert dict(pop.units) == {"TIME": "h", "AMT": "mg", "wt": "kg", "age": "years"}
+    with pytest.raises(nlmegen.DataError, match="'cp' is not"):
+        nlmegen.read_nonmem(table, units={"cp": "mg/L"})
