@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import jax
 
+from .._collect import collecting
+
 __all__ = ["Covariates", "reading"]
 
 _READ: contextvars.ContextVar[list | None] = contextvars.ContextVar("nlmegen_covariates_read", default=None)
@@ -55,12 +57,8 @@ jax.tree_util.register_pytree_with_keys(
 @contextlib.contextmanager
 def reading() -> Iterator[list]:
     """Record the covariate names looked up (by ``pop.covariates[name]``) inside the block."""
-    log: list = []
-    token = _READ.set(log)
-    try:
+    with collecting(_READ) as log:
         yield log
-    finally:
-        _READ.reset(token)
 
 
 def time_varying_hint(err: Exception, names: list, covariates: dict) -> str | None:

@@ -50,6 +50,8 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array
 
+from .._collect import collecting
+
 __all__ = ["SensitivityUnsupported", "active", "no_dynamics", "recording", "sensitivities", "solve_with_sensitivities"]
 
 
@@ -71,12 +73,8 @@ _RECORD: contextvars.ContextVar = contextvars.ContextVar("nlmegen_ode_record", d
 def recording():
     """Within this block every `nlmegen.ode.solve` call appends its configuration to the yielded list
     (the backends find out whether a model has ODE dynamics, and which event kinds)."""
-    calls: list = []
-    token = _RECORD.set(calls)
-    try:
+    with collecting(_RECORD) as calls:
         yield calls
-    finally:
-        _RECORD.reset(token)
 
 
 def record(cfg) -> None:

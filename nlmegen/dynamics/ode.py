@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from .._collect import collecting
 from ..data._population import ALL_FEATURES
 from . import _covariate_hook, _sensitivity
 
@@ -94,12 +95,8 @@ _REPORTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("nlmegen_
 def reporting():
     """Collect the per-subject status of every `solve` run inside the block (traced values under `jit`):
     how a failed fit finds out that the solver ran out of steps (a stiff system under an explicit solver)."""
-    reports: list = []
-    token = _REPORTS.set(reports)
-    try:
+    with collecting(_REPORTS) as reports:
         yield reports
-    finally:
-        _REPORTS.reset(token)
 
 
 def _report(cfg, status):
