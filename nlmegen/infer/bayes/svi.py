@@ -10,10 +10,18 @@ sites is fitted by maximising the evidence lower bound ``E_q[log p(y, theta, eta
 - ``"encoder"``: amortized: one network maps a subject's data to q(eta_i) (see
   :mod:`nlmegen.infer.bayes.encoder`), so that new subjects are encoded in one pass (`encode`).
 
-Gaussian random effects are non-centred by default (``LocScaleReparam(centered=0)``, as in NUTS):
-the guide then approximates ``eta_decentered = eta / omega``, whose posterior is much closer to
-independent of ``omega``; ``eta`` is recovered as a deterministic site. The encoder guide works on
-the model as written (it maps data to q(eta) on the original scale).
+Gaussian random effects are partially non-centred by default, with the centring learned with the
+guide (``LocScaleReparam(centered=None)``; Gorinova, Moore & Hoffman 2020): the guide approximates
+``eta_decentered = (eta - c * loc) / omega**c`` with ``c`` in [0, 1] per element, a parameter of
+the model optimised with the ELBO, so each random effect gets the parameterisation in which its
+posterior is least funnel-shaped (well-identified effects centred, weakly identified ones
+non-centred); ``eta`` is recovered as a deterministic site. ``noncentered=True`` fixes ``c = 0``
+(as in NUTS), ``False`` keeps the model as written. The encoder guide works on the model as written
+(it maps data to q(eta) on the original scale).
+
+The default (a 4-flow IAF, 16 particles, 20000 steps at 0.005, learned centring) is the best of
+those measured on theo_sd: it passes the Pareto k-hat diagnostic for most keys (not all), the
+Gaussian guides for none (see `SVI`).
 
 Summaries in the returned `FitResult` are those of NUTS, computed from ``num_draws`` draws of the
 fitted guide stored as one chain ``[1, num_draws, ...]``: ``params`` posterior medians, ``se``
@@ -102,7 +110,9 @@ class SVI:
     num_draws
         Draws from the fitted guide stored in ``FitResult.draws`` (as one chain).
     noncentered
-        Non-centre Normal random effects (ignored by the encoder guide).
+        Reparameterisation of Normal random effects (ignored by the encoder guide): ``"learned"``
+        (partial centring learned with the guide; Gorinova et al. 2020), ``True`` (non-centred)
+        or ``False`` (as written).
     init_scale
         Initial scale of the Gaussian guides (unconstrained space).
     rank
@@ -134,7 +144,10 @@ class SVI:
     guide passes the Pareto k-hat diagnostic of the importance weights ``p/q`` of its
     ``num_draws`` draws (k-hat <= ``min(1 - 1/log10(num_draws), 0.7)``; Yao et al. 2018): a flat
     ELBO alone says the optimiser stopped, not that the guide approximates the posterior (on
-    theo_sd the mean-field guide stops with k-hat 3.3 and posterior SDs 3-5x too narrow).
+    theo_sd the mean-field guide stops with k-hat 3.3 and posterior SDs 3-5x too narrow; the
+    full-rank Gaussian with learned centring k-hat 1.0-1.2; the default IAF 0.25-0.74 over four
+    keys, passing on three, with posterior SDs 0.86-1.01 times those of NUTS). The learned
+    centring of each random-effect site is in ``settings["centering"]``.
     Timings: ``compile_s`` (the optimisation step, compiled once), ``run_s`` (the optimisation),
     ``draws_s`` (drawing from the guide and the summaries).
 
@@ -161,18 +174,18 @@ class SVI:
     """
 
     method: ClassVar[str] = "svi"
-    guide: str = "normal"
-    num_steps: int = 5000
-    learning_rate: float = 0.01
+    guide: str = "iaf"
+    num_steps: int = 20000
+    learning_rate: float = 0.005
     schedule: str = "cosine"
     final_lr: float = 0.05
     clip_norm: float | None = 10.0
-    num_particles: int = 1
+    num_particles: int = 16
     num_draws: int = 1000
-    noncentered: bool = True
+    noncentered: bool | str = "learned"
     init_scale: float = 0.1
     rank: int | None = None
-    num_flows: int = 2
+    num_flows: int = 4
     hidden_dims: tuple[int, ...] | None = None
     hidden_factors: tuple[int, ...] = (8, 8)
     encoder_hidden: tuple[int, ...] = (32, 32)
@@ -192,6 +205,8 @@ class SVI:
                 raise ValueError(f"SVI: {name} must be at least 1")
         if not self.learning_rate > 0:
             raise ValueError("SVI: learning_rate must be positive")
+        if self.noncentered not in (True, False, "learned"):
+            raise ValueError(f"SVI: noncentered must be 'learned', True or False, not {self.noncentered!r}")
 
     # ------------------------------------------------------------------ pieces
     def optimizer(self) -> optax.GradientTransformation:
@@ -254,12 +269,16 @@ class SVI:
         svi = _NumPyroSVI(target, guide, optax_to_numpyro(self.optimizer()), self.elbo(target, pop))
         state, losses, compile_s, run_s, stopped = self._optimise(svi, pop, k_init, k_run)
         params = svi.get_params(state)
+        centering = {k: params[f"{k}_centered"] for k in reparam_sites if f"{k}_centered" in params}
+        if centering:  # the learned centring is a parameter of the model: hold it at its fitted value
+            target = handlers.substitute(target, data={f"{k}_centered": v for k, v in centering.items()})
         trained = TrainedGuide(kind=kind, guide=guide, params=params, model=target, sites=sites,
                                free=tuple(s.name for s in sites.population if s.name not in fixed))
         start = time.perf_counter()
         samples, log_w = trained.sample(k_draw, pop, self.num_draws)
         timings = {"compile_s": compile_s, "run_s": run_s, "draws_s": time.perf_counter() - start}
-        result = _result(self, model, pop, sites, samples, log_w, losses, fixed, reparam_sites, kind, timings)
+        result = _result(self, model, pop, sites, samples, log_w, losses, fixed, reparam_sites, kind, timings,
+                         centering)
         if stopped:  # Ctrl-C: the guide as it was after the last completed chunk of steps
             result = checkpoint.mark_interrupted(result, f"after {losses.size} of {self.num_steps} SVI steps")
         _remember(result, trained)
@@ -274,7 +293,7 @@ class SVI:
         return Trace_ELBO(num_particles=self.num_particles)
 
     def _target(self, model, pop, sites, fixed: dict, random: list[str], kind: str):
-        """The model as the guide sees it: fixed sites held, Normal random effects non-centred."""
+        """The model as the guide sees it: fixed sites held, Normal random effects (partially) non-centred."""
         target = model
         held_params = {k: v for k, v in fixed.items() if _is_param(sites, k)}
         if held_params:
@@ -283,7 +302,8 @@ class SVI:
             target = handlers.condition(target, data={k: v for k, v in fixed.items() if k not in held_params})
         reparam = _normal_random_effects(model, pop, random) if self.noncentered and kind != "encoder" else []
         if reparam:
-            target = handlers.reparam(target, config={k: LocScaleReparam(centered=0) for k in reparam})
+            centered = None if self.noncentered == "learned" else 0.0  # None: learned (Gorinova et al. 2020)
+            target = handlers.reparam(target, config={k: LocScaleReparam(centered=centered) for k in reparam})
         return target, reparam
 
     def _optimise(self, svi, pop, k_init, k_run):
@@ -553,7 +573,7 @@ def _pareto_k(log_w: np.ndarray) -> float:
 
 
 def _result(backend: SVI, model, pop, sites, samples, log_w, losses, fixed, reparam_sites, kind,
-            timings) -> FitResult:
+            timings, centering: dict | None = None) -> FitResult:
     lead = (1, int(backend.num_draws))
     draws = {k: v[None] for k, v in samples.items()}
     fields = summarise_draws(model, pop, sites, draws, fixed, lead)
@@ -581,7 +601,8 @@ def _result(backend: SVI, model, pop, sites, samples, log_w, losses, fixed, repa
     from ..laplace.finish import _settings
 
     settings = {**_settings(backend), "guide": kind, "noncentered_sites": list(reparam_sites),
-                "final_elbo": final, "pareto_k": khat}
+                "final_elbo": final, "pareto_k": khat,
+                "centering": {k: np.asarray(v).tolist() for k, v in (centering or {}).items()}}
     return FitResult(method=backend.method, status=status, message="; ".join(notes), warnings=tuple(warnings),
                      history=history, settings=settings, draws=draws, timings=timings, covariance=None,
                      covariance_kind="none", se_unconstrained=None, shrinkage={}, **fields)
