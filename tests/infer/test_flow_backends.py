@@ -71,7 +71,7 @@ def _fit(backend, kind, n_subjects):
         if backend == "focei":
             method = nlmegen.FOCEI(maxiter=150, covariance="none", progress=False)
         elif backend == "laplace":  # forward engine (exact Hessian): one tangent per weight, so a small flow
-            method = nlmegen.Laplace(maxiter=60, covariance="none", progress=False)
+            method = nlmegen.Laplace(maxiter=30, covariance="none", progress=False)
         else:
             method = nlmegen.SAEM(n_explore=150, n_smooth=100, network_lr=0.02, n_conditional=20, is_draws=0,
                                   focei=False, covariance="none", progress=False)
