@@ -47,6 +47,7 @@ _LAZY = {
                                            "occasion_index", "occasions", "proportional", "subjects")},
     **{name: (".model._flows", name) for name in ("CovariateGaussian", "FlowDistribution", "flow", "flow_values",
                                                   "spline_flow")},
+    **{name: (".infer.early_stopping", name) for name in ("EarlyStopping", "fit_early_stopping")},
     "eta_draws": (".model._two_stage", "eta_draws"), "fit_flow": (".model._two_stage", "fit_flow"),
     **{name: ("._simulate", name) for name in ("posterior_predictive", "simulate", "simulate_arrays")},
 }
@@ -87,6 +88,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .infer import fit as fit
     from .infer import objective as objective
     from .infer import resume as resume
+    from .infer.early_stopping import EarlyStopping as EarlyStopping
+    from .infer.early_stopping import fit_early_stopping as fit_early_stopping
     from .infer.shared.compare import compare as compare
     from .io import load as load
     from .model import additive as additive

@@ -19,9 +19,10 @@
 # 4. a flow conditioned on ``X``;
 # 5. a flow conditioned on ``X`` and on an embedding of the note (`nlmegen.TextEmbedding`),
 #
-# plus the two-stage route (a flow fitted to the Gaussian model's random-effect draws), and compare
-# them on held-out subjects: marginal log-likelihood, VPC band and coverage, and the 90% prediction
-# interval of a new subject with no data against the true model's.
+# plus the two-stage route (a flow fitted to the Gaussian model's random-effect draws), alone and
+# as the start of a joint refit, and the flow on ``X`` and the note regularised by early stopping on
+# a validation split; and compare them on held-out subjects: marginal log-likelihood, VPC band and
+# coverage, and the 90% prediction interval of a new subject with no data against the true model's.
 
 # %%
 import json
@@ -209,6 +210,40 @@ wall["two-stage flow"] = wall["gaussian"] + time.perf_counter() - start
 two_stage_values = {"sigma": fits["gaussian"].params["sigma"]} | nlmegen.flow_values("re", two_stage)
 
 # %% [markdown]
+# ### ... then a joint refit
+# The two-stage flow's weights (and the Gaussian fit's residual SD) as the start of a FOCEI fit of
+# the flow model: one call, ``init=`` the values `nlmegen.flow_values` gives.
+
+# %%
+REFIT = "two-stage + joint refit"
+if not SMALL:  # each new model compiles its own program: the test run skips this fit and the next
+    start = time.perf_counter()
+    modules[REFIT], conditions[REFIT] = modules["flow"], None
+    focei = nlmegen.FOCEI(maxiter=MAXITER, covariance="none", progress=not SMALL, print_every=25)
+    refit_model = models["flow"] if "flow" in models else make_model(learned(REFIT))  # the flow model, compiled once
+    fits[REFIT] = nlmegen.fit(refit_model, train_pop, focei, init=two_stage_values)
+    wall[REFIT] = wall["two-stage flow"] + time.perf_counter() - start
+    print(f"{REFIT}: OFV {fits[REFIT].ofv:.2f} ({fits[REFIT].status}), {wall[REFIT]:.0f} s")
+
+# %% [markdown]
+# ## Regularisation: early stopping on a validation split
+# The flow conditioned on ``X`` and the note has 556 weights for 100 subjects. `nlmegen.fit_early_stopping`
+# holds out 20% of the training subjects, fits the rest, and keeps the iterate (of every fifth
+# accepted FOCEI step) with the lowest OFV of the held-out ones.
+
+# %%
+EARLY = "flow(X, note), early stopping"
+if not SMALL:
+    start = time.perf_counter()
+    modules[EARLY], conditions[EARLY] = modules["flow(X, note)"], conditions["flow(X, note)"]
+    stopped = nlmegen.fit_early_stopping(make_model(learned(EARLY)), train_pop,
+                                         nlmegen.FOCEI(maxiter=MAXITER, progress=False), key=jax.random.key(21),
+                                         init={"sigma": 1.0}, every=5)
+    fits[EARLY], wall[EARLY] = stopped.fit, time.perf_counter() - start
+    print(stopped.curve.iloc[::3].round(2).to_string(index=False))
+    print(f"kept after {stopped.best_step} of {len(stopped.full_fit.history)} steps; {wall[EARLY]:.0f} s")
+
+# %% [markdown]
 # ## The fitted distributions
 # ``prior(name, pop)`` is each model's fitted random-effect distribution for the subjects of
 # ``pop`` (batch shape ``[subj]`` when it depends on covariates).
@@ -218,11 +253,12 @@ from nlmegen._simulate import model_values  # noqa: E402 (a notebook cell)
 
 
 def values_of(name):
+    """The population values of a fitted (or two-stage) model."""
     return two_stage_values if name == "two-stage flow" else model_values(fits[name])
 
 
 def prior(name, pop):
-    fn = gaussian if name == "gaussian" else learned(name)
+    fn = gaussian if name == "gaussian" else learned(name)  # learned(name) reads modules[name], conditions[name]
     with numpyro.handlers.substitute(data=values_of(name)):
         return fn(pop)
 
@@ -232,7 +268,7 @@ def sample_prior(name, pop, n, key):
     return d.sample(key, (n,) if d.batch_shape else (n, pop.n_subjects))
 
 
-names = list(res) + ["two-stage flow"]
+names = list(res) + ["two-stage flow"] + ([] if SMALL else [REFIT, EARLY])
 FLOW = "flow(X, note)" if SMALL else "flow"
 fig = nlmegen.plot_eta_density({"flow": sample_prior(FLOW, train_pop, 20, jax.random.key(3)),
                                 "Gaussian": sample_prior("gaussian", train_pop, 20, jax.random.key(4))},
@@ -335,7 +371,8 @@ for name in names:
 for name, (ll, se) in lls.items():
     print(f"{name:28s} held-out log-likelihood {ll:10.2f} +/- {se:.2f}")
 gap = lls["truth p(eta)"][0] - lls["gaussian"][0]
-closed = {name: (lls[name][0] - lls["gaussian"][0]) / gap for name in ("flow", "two-stage flow") if name in lls}
+closed = {name: (lls[name][0] - lls["gaussian"][0]) / gap for name in ("flow", "two-stage flow", REFIT)
+          if name in lls}
 print("share of the Gaussian-to-truth gap closed:", {k: round(v, 3) for k, v in closed.items()})
 
 # %% [markdown]
@@ -403,6 +440,9 @@ targets = {
 }
 if not SMALL:
     targets |= {
+        "two_stage_refit_gap_closed": closed[REFIT],
+        "early_stopped_text_flow_pi_ratio": float(results.loc[EARLY, "pi90_width_vs_truth_X_genotype"]),
+        "early_stopped_text_flow_pi_coverage": float(results.loc[EARLY, "new_subject_pi90_coverage"]),
         "flow_gap_closed": closed["flow"],
         "flow_gap_target_met": bool(closed["flow"] >= 0.8),
         "conditional_flow_pi_ratio": float(results.loc["flow(X)", "pi90_width_vs_truth_X"]),
@@ -418,8 +458,10 @@ print(vpc.table.head() if hasattr(vpc, "table") else vpc)
 
 if not SMALL:
     out = {"n_train": N_TRAIN, "n_test": N_TEST, "is_draws": IS_DRAWS, "n_sim": N_SIM, "maxiter": MAXITER,
-           "fits": {k: {"ofv": float(f.ofv), "status": f.status, "sigma": float(f.params["sigma"])}
-                    for k, f in fits.items()},
+           "fits": {k: {"ofv": float(f.ofv), "status": f.status, "sigma": float(f.params["sigma"]),
+                        "message": f.message} for k, f in fits.items()},
+           "early_stopping": {"best_step": stopped.best_step, "validation_s": stopped.seconds,
+                              "curve": stopped.curve.to_dict(orient="records")},
            "table": results.reset_index().to_dict(orient="records"), "targets": targets,
            "total_wall_s": time.perf_counter() - T0,
            "machine": "2 shared CPU cores, no GPU"}
@@ -427,13 +469,15 @@ if not SMALL:
 
 # %% [markdown]
 # ## What the full-size run found (100 + 100 subjects; `benchmarks/results/flows-experiment.json`)
-# - The flow closes 71% of the held-out log-likelihood gap between the Gaussian and the true
-#   ``p(eta)`` (the issue's target is 80%; FOCEI stopped at its 150-iteration cap, not converged);
-#   the two-stage flow closes 56%.
+# - The flow closes 68% of the held-out log-likelihood gap between the Gaussian and the true
+#   ``p(eta)`` (the issue's target is 80%: not met). FOCEI ends in a failed line search (a few
+#   subjects' EBE searches do not converge under the bimodal flow, so the OFV is not smooth in the
+#   weights); fitting longer lowers the training OFV but not the held-out log-likelihood (see the
+#   README). The two-stage flow closes 56%, its joint refit 59%.
 # - The flow conditioned on ``X`` has the best held-out log-likelihood of the fitted models and a
-#   new-subject 90% interval 1.17x the true model's with 93% coverage (target met).
-# - The flow conditioned on ``X`` and the note overfits 100 training subjects (training OFV 17 vs
-#   322, the worst held-out log-likelihood, 66% coverage); so, less dramatically, does the Gaussian
-#   with a network mean and covariance. Flexible random-effect distributions fitted by maximum
-#   likelihood need regularisation (``prior=`` on the weights with ``FOCEI(map=True)``), more
-#   subjects or early stopping on held-out data.
+#   new-subject 90% interval 1.14x the true model's with 85% coverage (target met, at its limit).
+# - The flow conditioned on ``X`` and the note overfits 100 training subjects (training OFV 38 vs
+#   259, held-out -1097, 63% coverage); so, less dramatically, does the Gaussian with a network
+#   mean and covariance. Early stopping on a validation split avoids the damage (held-out -816,
+#   96% coverage) but keeps a near-initial, wide flow (new-subject interval 4.6x the true one):
+#   the validation OFV is noisy along the path.

@@ -6,7 +6,7 @@ observations each pin the slope down. A fitted distribution must put 0.3 +/- 0.1
 between them). Statistical tolerance: the data are built with exactly 30% non-responders, so only
 the fit varies; a Gaussian fit of the same data fails the check (last test).
 
-Default tests: one distribution per backend (FOCEI: unconditional spline flow; SAEM: conditional
+Default tests: one distribution per backend (FOCEI and Laplace: unconditional spline flow; SAEM: conditional
 spline flow; NUTS: covariate-dependent Gaussian; SVI: Bayesian spline flow). The slow marker
 runs the remaining backend x distribution pairs.
 """
@@ -29,6 +29,12 @@ def _module(kind):
     if kind == "conditional_flow":
         return nlmegen.spline_flow(2, key=key, cond_dim=1, layers=1, knots=4, width=4), True
     return nlmegen.CovariateGaussian(2, 1, key=key, hidden=(4,), cov="diag", init_scale=0.5), True
+
+
+def _laplace_module(kind):
+    if kind == "flow":
+        return nlmegen.spline_flow(2, key=jax.random.key(0), layers=1, knots=4, width=4), False
+    return _module(kind)
 
 
 def _bayes_module(kind, backend):
@@ -59,11 +65,13 @@ def _bayes_weight(fit, module, pop, conditional, n_draws=40):
 def _fit(backend, kind, n_subjects):
     """(fit, mode weights, module, population)."""
     pop = nlmegen.read_nonmem(B.simulate_table(n_subjects))
-    if backend in ("focei", "saem"):
-        module, conditional = _module(kind)
+    if backend in ("focei", "laplace", "saem"):
+        module, conditional = _module(kind) if backend != "laplace" else _laplace_module(kind)
         model = B.make_model(module, conditional=conditional)
         if backend == "focei":
             method = nlmegen.FOCEI(maxiter=150, covariance="none", progress=False)
+        elif backend == "laplace":  # forward engine (exact Hessian): one tangent per weight, so a small flow
+            method = nlmegen.Laplace(maxiter=30, covariance="none", progress=False)
         else:
             method = nlmegen.SAEM(n_explore=150, n_smooth=100, network_lr=0.02, n_conditional=20, is_draws=0,
                                   focei=False, covariance="none", progress=False)
@@ -80,8 +88,9 @@ def _fit(backend, kind, n_subjects):
     return fit, _bayes_weight(fit, module, pop, conditional), module, pop
 
 
-DEFAULT = [("focei", "flow", 60), ("saem", "conditional_flow", 60), ("nuts", "gaussian", 40), ("svi", "flow", 40)]
-SLOW = [(b, k, 60 if b in ("focei", "saem") else 40) for b in ("focei", "saem", "nuts", "svi")
+DEFAULT = [("focei", "flow", 60), ("laplace", "flow", 40),
+           ("saem", "conditional_flow", 60), ("nuts", "gaussian", 40), ("svi", "flow", 40)]
+SLOW = [(b, k, 60 if b in ("focei", "saem") else 40) for b in ("focei", "laplace", "saem", "nuts", "svi")
         for k in ("flow", "conditional_flow", "gaussian") if (b, k) not in [(x, y) for x, y, _ in DEFAULT]]
 
 
