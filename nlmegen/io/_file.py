@@ -5,6 +5,7 @@ A file is an ArviZ file first: its groups are those of `FitResult.to_arviz` (``p
 reads it and ``arviz.summary`` / ``arviz.loo`` work on it. Everything nlmegen needs to rebuild the
 `FitResult` sits in one extra group ``nlmegen`` (groups ``arrays`` for the NumPy fields,
 ``params``, ``se``, ``shrinkage``, ``draws``, and one group per table: ``ebes``, ``history``,
+``classes`` (mixture models),
 ``natural`` (the natural-scale table), ``omega``, ``event_table``, one variable per column).
 
 Root attributes: ``nlmegen_format = "FitResult"``, ``nlmegen_format_version`` (this module writes
@@ -180,6 +181,8 @@ def _tables(fit: FitResult) -> tuple[dict[str, pd.DataFrame], dict | None]:
         event_table = fit.pop.to_pandas()
     if event_table is not None:
         frames["event_table"] = event_table
+    if fit.classes is not None:  # a mixture model's posterior class probabilities
+        frames["classes"] = fit.classes
     return frames, natural_attrs
 
 
@@ -302,6 +305,8 @@ def _rebuild(tree: Any, meta: dict, prefix: str) -> dict:
                                                              keys)
     for name in ("ebes", "history"):
         kwargs[name] = _frame_from(tree[f"{prefix}{name}"].to_dataset(), meta["frames"][name])
+    if "classes" in meta["frames"]:
+        kwargs["classes"] = _frame_from(tree[f"{prefix}classes"].to_dataset(), meta["frames"]["classes"])
     transforms = {k: transform_from_name(v) for k, v in meta["supports"].items()}
     kwargs["transforms"] = {k: t for k, t in transforms.items() if t is not None}
     return kwargs

@@ -11,7 +11,9 @@ is summed out:
 - NUTS, SVI: `marginalised` turns the model into one without the discrete site, with one copy of
   the random effects per class and the subject likelihood ``sum_k p_k p(y_i | eta_ik, z = k)``, so
   HMC sees a continuous density (NUTS cannot sample discrete latents).
-- SAEM refuses mixture models for now (its Newton M-step collapsed to one class on the test problem).
+- SAEM: the same model, its E-step sampling every class's random effects; the M-step's Newton
+  matrix is EM's, the class responsibilities held fixed (Lavielle & Mbogning 2014; see
+  `marginalised`'s ``em_curvature``).
 
 Simulation (`nlmegen.simulate`, VPC) draws each new subject's class from ``probs``.
 """
@@ -30,7 +32,7 @@ from numpyro.primitives import Messenger
 from ._observe import OBSERVE_TAG
 from ._plate import SUBJECT_PLATE, subjects
 
-__all__ = ["MIXTURE_TAG", "class_site", "class_values", "marginalised", "mixture", "typical_class"]
+__all__ = ["MIXTURE_TAG", "SOURCE_ATTR", "class_site", "class_values", "marginalised", "mixture", "typical_class"]
 
 #: ``infer`` key of the site declared by `mixture`: the number of classes
 MIXTURE_TAG = "nlmegen_mixture"
@@ -145,7 +147,11 @@ def _subject_log_probs(trace: dict) -> jax.Array:
     return total
 
 
-def marginalised(model, n_classes: int, name: str):
+#: attribute of a `marginalised` model: the user's model it sums the class out of
+SOURCE_ATTR = "nlmegen_mixture_source"
+
+
+def marginalised(model, n_classes: int, name: str, em_curvature: bool = False):
     """``model`` with the mixture site ``name`` summed out (see the module docstring).
 
     Each class gets its own copy of the subject's random effects, drawn from their distribution:
@@ -157,6 +163,13 @@ def marginalised(model, n_classes: int, name: str):
     The wrapped model runs ``model`` once per class (``k > 0``: random effects renamed
     ``<site>$class<k>``) and adds ``log sum_k p_ik p(y_i | eta_ik, z = k)`` as a factor in the
     subject plate.
+
+    ``em_curvature`` (SAEM): the factor keeps its value and first derivatives, but its second
+    derivatives are those of ``sum_k tau_ik log(p_ik p(y_i | eta_ik, z = k))`` with the class
+    responsibilities ``tau_ik`` held fixed: the complete-data Hessian of EM with the class as missing
+    data, computed exactly given the random effects (Lavielle & Mbogning 2014, section 3). The Hessian
+    of the log-sum-exp itself adds the between-class spread of the scores, is not negative definite
+    away from the optimum, and SAEM's Newton M-step collapsed to one class with it.
     """
 
     def wrapped(pop, *args, **kwargs):
@@ -169,7 +182,18 @@ def marginalised(model, n_classes: int, name: str):
                 first_out = out
             terms.append(_subject_log_probs(tr))
         with subjects(pop):
-            numpyro.factor(f"{name}$marginal", jax.nn.logsumexp(jnp.stack(terms), axis=0))
+            numpyro.factor(f"{name}$marginal", _class_sum(jnp.stack(terms), em_curvature))
         return first_out
 
+    setattr(wrapped, SOURCE_ATTR, model)
     return wrapped
+
+
+def _class_sum(terms: jax.Array, em_curvature: bool) -> jax.Array:
+    """``log sum_k exp(terms[k])`` per subject; with ``em_curvature`` the EM Hessian (see `marginalised`)."""
+    total = jax.nn.logsumexp(terms, axis=0)
+    if not em_curvature:
+        return total
+    tau = jax.lax.stop_gradient(jax.nn.softmax(terms, axis=0))
+    linear = jnp.sum(tau * jnp.where(tau > 0, terms, 0.0), axis=0)  # (a class of probability 0 adds nothing)
+    return linear + jax.lax.stop_gradient(total - linear)

@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ __all__ = ["SAEM"]
 
 COVARIANCES = ("sandwich", "R", "S", "none")
 HESSIANS = ("exact", "fisher")
+BACKTRACK = 8  # halvings of an exploration M-step tried at once (`_SAEMProblem.backtrack`)
 _CACHE: dict = {}  # compiled chunks by (model, settings, data structure)
 _CACHE_SIZE = 8
 
@@ -160,6 +162,8 @@ class SAEM:
       include the constant. ``settings`` also holds ``minus2ll_is`` and ``minus2ll_is_se`` (the
       IS -2LL with the constant and its Monte-Carlo standard error), ``minus2ll_focei`` (the
       FOCEI -2LL at the SAEM estimate, with the constant), ``focei_ofv`` (the same without it),
+      ``focei_decrement`` (the OFV decrease a Newton step on that objective predicts: above 2 a warning says
+      SAEM may have stopped short; non-centred parameters converge slowly),
       ``mu_referenced`` (which random effects were centred on which parameter), ``annealed``,
       the E-step acceptance rates and ``max_drift`` (the convergence statistic).
     - ``se`` come from the FOCEI covariance step at the SAEM estimate (``covariance_kind`` says
@@ -253,15 +257,13 @@ class SAEM:
         """Estimate the population parameters of ``model`` on ``pop``; returns a `FitResult`."""
         if key is None:
             raise ValueError("SAEM needs key=jax.random.key(...)")
-        from ..shared.mixture import has_mixture
+        from ..shared.mixture import fit_mixture, has_mixture
         from .finish import finish
 
         if has_mixture(model, pop):
-            # with the class summed out, SAEM's Newton M-step on the (non-concave) mixture likelihood
-            # collapsed to one class on a well-separated 30/70 test population (FOCEI and NUTS recover
-            # it); Lavielle & Mbogning's M-step with class responsibilities is what it needs
-            raise ModelError("SAEM does not fit mixture models (nlmegen.mixture) yet: use method='focei' "
-                             "(NONMEM's $MIX objective), 'laplace' or 'nuts'")
+            # the class summed out, one copy of the random effects per class; the M-step's Newton matrix
+            # is EM's with the class responsibilities held (Lavielle & Mbogning, Stat Comput 2014;24:693)
+            return fit_mixture(self.fit, model, pop, em_curvature=True, init=init, fixed=fixed, key=key)
 
         with numpyro.validation_enabled(False):
             start = time.perf_counter()
@@ -322,17 +324,21 @@ class _SAEMProblem:
         problem.network = network
         problem.newton_idx = problem.free_idx[~network[problem.free_idx]]
         problem.network_idx = problem.free_idx[network[problem.free_idx]]
-        problem.centre = problem.find_mu_reference()
+        problem.centring = problem.find_mu_reference()
         problem.variance_like = problem.find_variances()
         return problem
 
     # ------------------------------------------------------------------ structure
     def find_mu_reference(self) -> np.ndarray:
-        """``centre[k]`` = index of the theta element that eta component k is centred on, or -1."""
+        """The centring matrix ``A`` (``[d, p]``, 0/1): eta component k is centred on ``sum_j A[k, j] theta_j``.
+
+        Each component is centred on at most one parameter of its own; in a mixture model a parameter
+        shared by the classes is the centre of all its class copies, and a class's shift (``tcl + dcl``
+        in class 1) the centre of that class's copy."""
         density, pop, d = self.density, self.pop, self.n_eta
-        centre = -np.ones(d, dtype=np.int64)
+        centring = np.zeros((d, self.theta0.size))
         if self.free_idx.size == 0:
-            return centre
+            return centring
 
         def parts(theta, eta):
             with forward_mode():
@@ -350,32 +356,41 @@ class _SAEMProblem:
             full = [jnp.zeros((pop.n_subjects, theta.size)).at[:, plain].set(j) for j in jt]
             return full[0], full[1], je
 
+        # a mixture model's class copies of one component (eta[0], eta$class1[0], ..) share their centre:
+        # the parameter then enters as theta_j + eta_k in every class, d/d theta_j = sum over the copies
+        copies = [list(g) for g in _copy_groups([self.eta_label(k) for k in range(d)]) if len(g) > 1]
+        groups = [[k] for k in range(d)] + copies  # singletons first, then the class copies
+        member = np.zeros((d, len(groups)))
+        for g, ks in enumerate(groups):
+            member[ks, g] = 1.0
         rng = np.random.default_rng(0)
-        confirmed = np.zeros((self.theta0.size, d), bool)
-        refuted = np.zeros((self.theta0.size, d), bool)
+        confirmed = np.zeros((self.theta0.size, len(groups)), bool)
+        refuted = np.zeros((self.theta0.size, len(groups)), bool)
         for _ in range(3):  # subjects whose derivatives are not finite neither confirm nor refute
             theta = self.theta0 + 0.1 * rng.standard_normal(self.theta0.size)
             eta = 0.3 * rng.standard_normal((pop.n_subjects, d))
             jl, jp, je = (np.asarray(x) for x in derivs(jnp.asarray(theta), jnp.asarray(eta)))
+            jg = np.where(np.isfinite(je), je, 0.0) @ member  # [n, groups]
+            finite = ~(~np.isfinite(je) @ member).astype(bool)
             for j in range(self.theta0.size):
-                for k in range(d):
-                    rows = np.isfinite(jl[:, j]) & np.isfinite(jp[:, j]) & np.isfinite(je[:, k])
+                for g in range(len(groups)):
+                    rows = np.isfinite(jl[:, j]) & np.isfinite(jp[:, j]) & finite[:, g]
                     if not rows.any():
                         continue
-                    a, b = jl[rows, j], je[rows, k]
+                    a, b = jl[rows, j], jg[rows, g]
                     same = bool(np.all(np.abs(a - b) <= 1e-7 * np.abs(a) + 1e-10) and np.any(np.abs(a) > 0)
                                 and np.all(jp[rows, j] == 0))
-                    confirmed[j, k] |= same
-                    refuted[j, k] |= not same
+                    confirmed[j, g] |= same
+                    refuted[j, g] |= not same
         ok = confirmed & ~refuted
         used = set()
-        for k in range(d):
+        for g, ks in enumerate(groups):
             for j in self.free_idx:
-                if ok[j, k] and j not in used:
-                    centre[k] = j
+                if ok[j, g] and j not in used and (len(ks) > 1 or not centring[ks[0]].any()):
+                    centring[ks, j] = 1.0
                     used.add(j)
                     break
-        return centre
+        return centring
 
     def find_variances(self) -> np.ndarray:
         """Free, positive-valued elements that are not centred on: annealed during exploration."""
@@ -386,7 +401,7 @@ class _SAEMProblem:
             if block.leaf_shapes is None and _positive_valued(biject_to(block.site.support)):
                 out[block.start:block.stop] = True
         out &= self.free
-        out[self.centre[self.centre >= 0]] = False
+        out[self.centring.any(axis=0)] = False
         return out
 
     def eta_label(self, k: int) -> str:
@@ -395,9 +410,13 @@ class _SAEMProblem:
 
     # ------------------------------------------------------------------ the compiled loop
     def shift(self, theta):
-        """The centring ``A theta``: ``[d]`` with ``theta[centre[k]]`` or 0."""
-        c = jnp.asarray(self.centre)
-        return jnp.where(c >= 0, theta[jnp.maximum(c, 0)], 0.0)
+        """The centring ``A theta`` (``[d]``; 0 for the components that are not centred)."""
+        return jnp.asarray(self.centring) @ theta
+
+    def centres(self) -> dict[str, str]:
+        """Which parameters each centred random-effect component is centred on (``{"eta[0]": "tcl"}``)."""
+        return {self.eta_label(k): " + ".join(self.labels[j] for j in np.flatnonzero(row))
+                for k, row in enumerate(self.centring) if row.any()}
 
     def initial_state(self, key):
         """The loop's carry at the start: chains at eta = 0 with proposal shapes from the curvature."""
@@ -549,6 +568,7 @@ class _SAEMProblem:
             annealed = jnp.asarray(self.variance_like[self.newton_idx])
             step = jnp.where(explore & annealed, jnp.maximum(step, floor), step)
             bad = ~jnp.all(jnp.isfinite(step)) | ~jnp.all(jnp.isfinite(H))
+            step = jax.lax.cond(explore & ~bad, lambda: self.backtrack(theta, phi, step), lambda: step)
             new = new.at[self.newton_idx].add(jnp.where(bad, 0.0, step))
             H = jnp.where(bad, H_old, H)
         if self.network_idx.size:  # one reverse pass: its cost does not grow with the number of weights
@@ -561,6 +581,28 @@ class _SAEMProblem:
             opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), state, opt_old)
             bad = bad | ~ok
         return new, H, opt_state, bad, left_out
+
+    def backtrack(self, theta, phi, step):
+        """The exploration's Newton step, halved until it does not lower the complete-data log-likelihood
+        of the current draws (a generalised EM M-step, Dempster, Laird & Rubin 1977, section 3).
+
+        With step size 1 the Newton matrix is one draw's Hessian; far from the estimate (e.g. a residual
+        error started 7 times too large) it is ill-conditioned or indefinite, and full steps jumped
+        between the trust region's bounds. All ``BACKTRACK`` halvings are evaluated at once (one
+        batched log-likelihood); the largest that does not lower it is taken, the smallest if none.
+        """
+        tf = theta[self.newton_idx]
+
+        def total(t):
+            ll = self.complete_ll(t, theta, phi, self.newton_idx, forward=False)
+            return jnp.sum(jnp.where(jnp.isnan(ll), -jnp.inf, ll))
+
+        scales = 0.5 ** jnp.arange(BACKTRACK)
+        base = total(tf)
+        trial = jax.vmap(lambda c: total(tf + c * step))(scales)
+        good = trial >= base - 1e-8 * jnp.abs(base)
+        scale = jnp.where(jnp.any(good) & jnp.isfinite(base), scales[jnp.argmax(good)], scales[-1])
+        return jnp.where(jnp.isfinite(base), scale, 1.0) * step
 
     def schedule(self) -> np.ndarray:
         """Per-iteration (gamma, explore, active, mstep, collect), padded to whole chunks."""
@@ -580,7 +622,7 @@ class _SAEMProblem:
         leaves = jax.tree_util.tree_leaves(self.pop)
         key = (self.model, b.kernel, b.n_kernel_steps, b.num_leapfrog, b.max_tree_depth, b.anneal, b.max_step,
                b.hessian, b.network_lr, b.chunk, self.n_chains, self.n_devices, tuple(self.free_idx.tolist()),
-               tuple(self.centre.tolist()),
+               self.centring.tobytes(),
                tuple(self.variance_like.tolist()), jax.tree_util.tree_structure(self.pop),
                tuple((x.shape, x.dtype) for x in leaves))
         if key in _CACHE:
@@ -649,6 +691,15 @@ class _SAEMProblem:
 
 def _adam(lr: float):
     return optax.adam(lr)
+
+
+def _copy_groups(labels: list[str]) -> list[tuple[int, ...]]:
+    """Random-effect components grouped by their label without the class suffix (`marginalised`'s
+    ``<site>$class<k>`` copies): singletons unless the model is a mixture."""
+    groups: dict[str, list[int]] = {}
+    for k, label in enumerate(labels):
+        groups.setdefault(re.sub(r"\$class\d+", "", label), []).append(k)
+    return [tuple(ks) for ks in groups.values()]
 
 
 def _safe_inverse(h: np.ndarray) -> np.ndarray:

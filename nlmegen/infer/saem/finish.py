@@ -15,6 +15,7 @@ import pandas as pd
 from jax.scipy.special import gammaln
 
 from ..._errors import ModelError
+from ...model._mixture import SOURCE_ATTR
 from ..laplace.objective import LOG_2PI
 from ..shared.checkpoint import interrupted_note
 from ..shared.result import FitResult, element_labels
@@ -170,13 +171,15 @@ def _focei(problem, theta, eta_mean):
     values = {k: (np.asarray(v) if not isinstance(v, dict) else v)
               for k, v in problem.density.theta_space.constrain(jnp.asarray(theta)).items()}
     init, fixed = split_values(values, problem.fixed_names)  # single fixed elements ("omega[2]") too
+    # a mixture model (SAEM fitted it with the class summed out): NONMEM's $MIX objective on the user's model
+    source = getattr(problem.model, SOURCE_ATTR, None)
     fp = None
     for backend in (FOCEI(covariance=b.covariance, progress=False), Laplace(covariance=b.covariance, progress=False)):
         try:
-            fp = _Problem.build(backend, problem.model, problem.pop, init, fixed)
+            fp = _Problem.build(backend, source or problem.model, problem.pop, init, fixed)
             fp.compile()
-            x_hat = np.asarray(theta)[fp.free]
-            ofv, _, _ = fp.evaluate(x_hat)
+            x_hat = (np.asarray(fp.density.theta_space.unconstrain(values)) if source else np.asarray(theta))[fp.free]
+            ofv, grad_at, _ = fp.evaluate(x_hat)
             break
         except ModelError:  # FOCEI needs Gaussian residuals: Laplace otherwise
             fp = None
@@ -184,13 +187,38 @@ def _focei(problem, theta, eta_mean):
         return None
     start = time.perf_counter()
     cov = covariance_step(lambda x: fp.evaluate(x)[1], fp.subject_grads, x_hat, fp.free_labels, b.covariance)
+    decrement = _newton_decrement(grad_at, cov.r)
     covariance_s = time.perf_counter() - start
     se, se_u = _standard_errors(fp, x_hat, cov.covariance)
-    pred, ipred, var, _, precision = (np.asarray(x) if x is not None else None for x in
-                                      fp.fns["predict"](jnp.asarray(theta), jnp.asarray(eta_mean), fp.pop))
+    if source is not None:  # the predictions of each subject's most probable class come later (`fit_mixture`)
+        pred = ipred = var = precision = None
+    else:
+        pred, ipred, var, _, precision = (np.asarray(x) if x is not None else None for x in
+                                          fp.fns["predict"](jnp.asarray(theta), jnp.asarray(eta_mean), fp.pop))
     n_obs = fp.objective.n_observations(fp.pop)
     return {"method": fp.backend.method, "ofv": float(ofv), "n_obs": n_obs, "cov": cov, "se": se, "se_u": se_u,
+            "decrement": decrement,
             "pred": pred, "ipred": ipred, "var": var, "precision": precision, "covariance_s": covariance_s}
+
+
+#: FOCEI OFV decrease a Newton step predicts at the SAEM estimate above which SAEM is said to be short of the optimum
+DECREMENT_WARN = 2.0
+
+
+def _newton_decrement(grad: np.ndarray, r: np.ndarray | None) -> float:
+    """The OFV decrease a Newton step on the FOCEI objective predicts, ``g' H^-1 g / 2`` with ``H = 2 R``
+    (absolute eigenvalues where R is not positive definite); NaN without R."""
+    if r is None or not np.all(np.isfinite(grad)) or not np.all(np.isfinite(r)):
+        return math.nan
+    vals, vecs = np.linalg.eigh(0.5 * (r + r.T))
+    vals = np.maximum(np.abs(vals), 1e-10 * max(1.0, float(np.max(np.abs(vals)))))
+    g = vecs.T @ np.asarray(grad)
+    return float(0.25 * np.sum(g**2 / vals))
+
+
+def _not_centred(problem) -> list[str]:
+    free = problem.free & ~problem.centring.any(axis=0)
+    return [problem.labels[j] for j in np.flatnonzero(free)]
 
 
 def finish(problem, run) -> FitResult:
@@ -239,15 +267,22 @@ def finish(problem, run) -> FitResult:
         if focei is not None:
             timings["covariance_s"] = focei["covariance_s"]
             warnings.extend(focei["cov"].warnings)
+            if focei["decrement"] > DECREMENT_WARN:  # e.g. a parameter SAEM cannot centre, still moving slowly
+                warnings.append(
+                    f"a Newton step on the {focei['method'].upper()} objective from the SAEM estimate predicts an "
+                    f"OFV decrease of {focei['decrement']:.1f}: SAEM may have stopped short of the optimum (parameters "
+                    f"that are not mu-referenced, {_not_centred(problem)}, converge slowly); run more iterations "
+                    "(n_explore) or compare with method='focei'")
 
     params = {k: (np.asarray(v) if not isinstance(v, dict) else _flat_values({k: v}))
               for k, v in density.theta_space.constrain(jnp.asarray(theta)).items()}
-    if focei is not None:
+    if focei is not None and focei["pred"] is not None:
         se, se_u, cov = focei["se"], focei["se_u"], focei["cov"]
         pred, ipred = focei["pred"], focei["ipred"]
         shrinkage = _shrinkage(pop, eta_mean, focei["precision"], ipred, focei["var"])
     else:
-        se, se_u, cov, shrinkage = {}, None, None, {}
+        se, se_u, cov, shrinkage = ({}, None, None, {}) if focei is None else (focei["se"], focei["se_u"],
+                                                                               focei["cov"], {})
         means = jax.jit(lambda t, e: site_means(density, t, e, pop))
         pred = np.asarray(means(jnp.asarray(theta), jnp.zeros_like(jnp.asarray(eta_mean))))
         ipred = np.asarray(means(jnp.asarray(theta), jnp.asarray(eta_mean)))
@@ -276,13 +311,14 @@ def finish(problem, run) -> FitResult:
     if focei is not None:
         m2ll_focei = focei["ofv"] + focei["n_obs"] * LOG_2PI
         notes.append(f"-2LL ({focei['method'].upper()} at the SAEM estimate, with constant) {m2ll_focei:.3f}")
-    centred = {problem.eta_label(k): problem.labels[j] for k, j in enumerate(problem.centre) if j >= 0}
+    centred = problem.centres()
     n_params = int(problem.free.sum())
     loglik, aic, bic = information_criteria(ofv, n_obs, n_params)
     settings = {**_settings(b), "num_chains_used": problem.n_chains, "mu_referenced": centred,
                 "annealed": [problem.labels[i] for i in np.flatnonzero(problem.variance_like)],
                 "minus2ll_is": m2ll, "minus2ll_is_se": m2ll_se, "minus2ll_focei": m2ll_focei,
                 "focei_ofv": focei["ofv"] if focei is not None else math.nan,
+                "focei_decrement": focei["decrement"] if focei is not None else math.nan,
                 "focei_method": focei["method"] if focei is not None else None,
                 "standard_errors": "FOCEI covariance step at the SAEM estimate" if focei is not None else "none",
                 "acceptance_smoothing": float(smooth_accept.mean()), "acceptance_conditional":

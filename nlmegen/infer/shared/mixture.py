@@ -1,6 +1,6 @@
-"""Mixture models in NUTS and SVI: fit the model with the class summed out.
+"""Mixture models in NUTS, SVI and SAEM: fit the model with the class summed out.
 
-These backends sample (NUTS) or approximate (SVI) the continuous latent variables;
+These backends sample (NUTS, SAEM's E-step) or approximate (SVI) the continuous latent variables;
 `nlmegen.model.marginalised` gives them the model with the subject's class summed out
 (``p(y_i | eta_i) = sum_k p_ik p(y_i | eta_i, z = k)``). The result then gets back the user's model
 (so `simulate` and `vpc` draw new classes) and ``classes``, each subject's posterior class
@@ -35,11 +35,12 @@ def has_mixture(model, pop) -> bool:
     return bool(discover(model, pop).mixtures)
 
 
-def fit_mixture(fit_fn, model, pop, **kwargs):
-    """``fit_fn(marginalised model, pop, **kwargs)``, then the result for the user's model."""
+def fit_mixture(fit_fn, model, pop, em_curvature: bool = False, **kwargs):
+    """``fit_fn(marginalised model, pop, **kwargs)``, then the result for the user's model
+    (``em_curvature``: see `nlmegen.model.marginalised`)."""
     sites = discover(model, pop)
     site = sites.mixtures[0]
-    result = fit_fn(marginalised(model, site.size, site.name), pop, **kwargs)
+    result = fit_fn(marginalised(model, site.size, site.name, em_curvature=em_curvature), pop, **kwargs)
     density = Density(model, sites)
     theta_names = [s.name for s in sites.population]
     n_classes = site.size
