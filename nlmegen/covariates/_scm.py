@@ -170,6 +170,10 @@ def scm(make_model: Callable[[Relations], Callable], pop: Any, candidates: Itera
     options.update(fit_options or {})
     fixed = set((options.get("fixed") or {}).keys())
     keep = executor is None or isinstance(executor, SequentialExecutor)
+    if not keep:  # a Dask client gets its workers' compilation caches, as in bootstrap and multistart
+        from ..parallel.executor import as_executor
+
+        executor = as_executor(executor)
     run = _Runner(make_model, pop, method, options, fixed, executor or SequentialExecutor(), keep)
 
     current = base_set

@@ -97,3 +97,20 @@ def test_a_candidate_job_pickles_for_process_pools(pop):
     assert rel2 == rel and factory is _sim.make_model
     np.testing.assert_array_equal(np.asarray(pop2.covariates["WT"]), np.asarray(pop.covariates["WT"]))
     assert pickle.loads(pickle.dumps(_scm._fit_candidate)) is _scm._fit_candidate
+
+
+@pytest.mark.slow
+def test_scm_runs_its_fits_in_worker_processes(pop):
+    """The same search as above with each step's candidate fits in two spawned worker processes (about
+    a minute: each worker imports JAX and compiles its models); the same decisions and estimates."""
+    import multiprocessing
+
+    cands = [Relation("cl", "WT", "power"), Relation("cl", "AGE", "exponential")]
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool_exec:
+        res = nlmegen.scm(_sim.make_model, pop, cands, parameters=["cl", "v"], method="foce", executor=pool_exec)
+    here = nlmegen.scm(_sim.make_model, pop, cands, parameters=["cl", "v"], method="foce", max_steps=1)
+    assert [r.label for r in res.relations.relations] == ["cl-WT(power)"], res.report()
+    first = res.steps[res.steps["step"] == 1].set_index("relation")
+    ref = here.steps[here.steps["step"] == 1].set_index("relation")
+    np.testing.assert_allclose(first["ofv"], ref.loc[first.index, "ofv"], rtol=0, atol=1e-3)
+    assert res.fit.params["cl_WT"] == pytest.approx(here.fit.params["cl_WT"], abs=1e-3)

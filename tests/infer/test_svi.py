@@ -272,3 +272,21 @@ def test_encode_and_guide_errors(theo_normal):
         svi_guide(dataclasses.replace(theo_normal, method="nuts"))
     with pytest.raises(ValueError, match="no trained guide"):
         svi_guide(dataclasses.replace(theo_normal))
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped():
+    """A particle drawn in the guide's far tail can make one step's gradient NaN (the default guide on the
+    96-subject conformance population did, at step 3485 of 20000): the step is skipped, not applied, and
+    the fit stops only after MAX_SKIPPED such steps in a row."""
+    from nlmegen.infer.bayes import svi as svi_module
+
+    opt = nlmegen.SVI().optimizer()
+    params = jnp.ones(3)
+    state = opt.init(params)
+    updates, state = opt.update(jnp.array([jnp.nan, 1.0, 1.0]), state, params)
+    np.testing.assert_array_equal(np.asarray(updates), 0.0)
+    updates, state = opt.update(jnp.array([1.0, 1.0, 1.0]), state, params)
+    assert np.all(np.asarray(updates) < 0)  # the next finite step is applied
+    assert svi_module._longest_nonfinite_run(np.array([1.0, np.nan, np.nan, 2.0, np.inf])) == 2
+    status, final, _ = svi_module._elbo_status(np.r_[np.full(50, -10.0), np.nan, np.full(49, -10.0)])
+    assert status == "converged" and final == -10.0

@@ -130,11 +130,14 @@ class ShardedNUTS(_NumPyroNUTS):
 
 class ShardedTraceELBO(Trace_ELBO):
     """``Trace_ELBO`` with the model's log density from `sharded_log_joint` (model sites fixed or
-    latent; no ``numpyro.param`` or mutable sites in the model)."""
+    latent; the model's own ``numpyro.param`` sites, e.g. the learned centring of `LocScaleReparam`,
+    take their values from the parameters being fitted; no mutable sites)."""
 
     def __init__(self, model, n_devices: int, pop, num_particles: int = 1):
         super().__init__(num_particles=num_particles)
         self._log_joint = sharded_log_joint(model, n_devices, subject_site_names(model, pop))
+        tr = handlers.trace(handlers.seed(model, 0)).get_trace(pop)
+        self._model_params = tuple(name for name, site in tr.items() if site["type"] == "param")
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
         def single_particle_elbo(key):
@@ -143,6 +146,7 @@ class ShardedTraceELBO(Trace_ELBO):
                                                              param_map)
             values = {name: site["value"] for name, site in guide_trace.items()
                       if site["type"] == "sample" and not site["is_observed"]}
+            values.update({name: param_map[name] for name in self._model_params if name in param_map})
             return self._log_joint(values, *args) - sum(guide_log_probs.values(), start=jnp.array(0.0))
 
         if self.num_particles == 1:

@@ -72,6 +72,8 @@ GUIDES = ("normal", "mvn", "lowrank", "iaf", "bnaf", "encoder")
 _ALIASES = {"meanfield": "normal", "mean_field": "normal", "diagonal": "normal", "full_rank": "mvn",
             "fullrank": "mvn", "multivariate_normal": "mvn", "low_rank": "lowrank", "flow": "iaf"}
 SCHEDULES = ("constant", "cosine", "exponential")
+#: consecutive steps with a non-finite gradient that are skipped before the fit stops (`optax.apply_if_finite`)
+MAX_SKIPPED = 20
 
 
 def _guide_name(name: str) -> str:
@@ -220,7 +222,9 @@ class SVI:
             warm = max(1, n // 20) if n > 20 else 0
             rate = optax.warmup_cosine_decay_schedule(lr * 0.1 if warm else lr, lr, warm, max(n, warm + 1), end)
         chain = [optax.clip_by_global_norm(float(self.clip_norm))] if self.clip_norm is not None else []
-        return optax.chain(*chain, optax.adam(rate))
+        # a step whose gradient is not finite (a particle drawn in the guide's far tail) is skipped, not applied;
+        # after MAX_SKIPPED in a row the state turns non-finite and `_optimise` stops with an error
+        return optax.apply_if_finite(optax.chain(*chain, optax.adam(rate)), max_consecutive_errors=MAX_SKIPPED)
 
     def _make_guide(self, model, pop, sites, init: dict, random: list[str], key):
         kind = _guide_name(self.guide)
@@ -339,11 +343,12 @@ class SVI:
                 n = min(chunk, int(self.num_steps) - done)
                 new_state, buf = compiled(state, jnp.int32(n), pop)
                 buf = np.asarray(buf)[:n]
-                bad = np.flatnonzero(~np.isfinite(buf))
-                if bad.size:
-                    step = done + int(bad[0]) + 1
+                run = _longest_nonfinite_run(np.concatenate([losses[max(0, done - MAX_SKIPPED):done], buf]))
+                if run > MAX_SKIPPED or not _finite_tree(new_state):
+                    step = done + int(np.flatnonzero(~np.isfinite(buf))[0]) + 1 if (~np.isfinite(buf)).any() else done
                     raise FloatingPointError(
-                        f"SVI: the ELBO is not finite at step {step} of {self.num_steps} (guide {self.guide!r}); "
+                        f"SVI: the ELBO is not finite from step {step} of {self.num_steps} on (guide {self.guide!r}; "
+                        f"more than {MAX_SKIPPED} steps in a row); "
                         f"try a smaller learning_rate (now {self.learning_rate:g}, e.g. "
                         f"{self.learning_rate / 10:g}), gradient clipping (clip_norm) or init= values closer to "
                         "the data")
@@ -353,7 +358,7 @@ class SVI:
                 checkpoint.save("svi", n, chunk, lambda: snapshot)  # noqa: B023
                 if bar is not None:
                     bar.update(n)
-                    bar.set_postfix_str(f"ELBO {-np.mean(buf[-max(1, n // 10):]):.4g}")
+                    bar.set_postfix_str(f"ELBO {-np.nanmean(buf[-max(1, n // 10):]):.4g}")
         except KeyboardInterrupt:  # keep the state of the last completed chunk (see `fit`)
             stopped = True
             losses = losses[:done]
@@ -541,8 +546,24 @@ def encode(fit_or_guide: FitResult | TrainedGuide, pop) -> Encoding:
 
 
 # ---------------------------------------------------------------------- result
+def _longest_nonfinite_run(values: np.ndarray) -> int:
+    """Length of the longest run of consecutive non-finite values."""
+    longest = current = 0
+    for ok in np.isfinite(values):
+        current = 0 if ok else current + 1
+        longest = max(longest, current)
+    return longest
+
+
+def _finite_tree(state) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(state)
+               if jnp.issubdtype(jnp.result_type(x), jnp.floating))
+
+
 def _elbo_status(elbo: np.ndarray) -> tuple[str, float, float]:
-    """Converged when the last 10% of the ELBO trace is flat (see `SVI`); (status, last mean, change)."""
+    """Converged when the last 10% of the ELBO trace is flat (see `SVI`); (status, last mean, change).
+    Skipped steps (non-finite ELBO) are left out."""
+    elbo = elbo[np.isfinite(elbo)]
     n = elbo.size
     w = max(1, n // 10)
     last, prev = elbo[-w:], elbo[-2 * w:-w] if n >= 2 * w else elbo[:0]
@@ -585,6 +606,10 @@ def _result(backend: SVI, model, pop, sites, samples, log_w, losses, fixed, repa
              f"Pareto k-hat {khat:.2f} ({backend.num_draws} draws)",
              "OFV/loglik/AIC/BIC are not defined for a posterior (NaN)"]
     warnings = []
+    skipped = int(np.sum(~np.isfinite(losses)))
+    if skipped:
+        warnings.append(f"{skipped} of {losses.size} SVI steps had a non-finite ELBO (a particle in the guide's far "
+                        "tail) and were skipped")
     if status != "converged":
         warnings.append(f"the ELBO was still changing at the end ({change:+.3g} over the last 10% of steps): "
                         "run more steps or raise the learning rate")
@@ -601,7 +626,7 @@ def _result(backend: SVI, model, pop, sites, samples, log_w, losses, fixed, repa
     from ..laplace.finish import _settings
 
     settings = {**_settings(backend), "guide": kind, "noncentered_sites": list(reparam_sites),
-                "final_elbo": final, "pareto_k": khat,
+                "final_elbo": final, "pareto_k": khat, "skipped_steps": skipped,
                 "centering": {k: np.asarray(v).tolist() for k, v in (centering or {}).items()}}
     return FitResult(method=backend.method, status=status, message="; ".join(notes), warnings=tuple(warnings),
                      history=history, settings=settings, draws=draws, timings=timings, covariance=None,
