@@ -158,14 +158,17 @@ def test_nuts_reacts_to_sigint_within_seconds(pop, monkeypatch):
     assert waited < 20.0, waited  # ~1 s per compiled call, plus the summaries (generous: shared CPUs)
 
 
-def test_same_key_same_result_across_processes_and_cache_states(tmp_path):
-    """Bit for bit: this process, a fresh process compiling into an empty cache, and one loading it."""
-    here = {m: digest(nlmegen.fit(MODEL, population(4), backends()[m], key=jax.random.key(11))) for m in METHODS}
+@pytest.mark.parametrize("methods", [["saem", "nuts"], pytest.param(METHODS, marks=pytest.mark.slow)],
+                         ids=["saem-nuts", "all"])
+def test_same_key_same_result_across_processes_and_cache_states(tmp_path, methods):
+    """Bit for bit: this process, a fresh process compiling into an empty cache, and one loading it (by default
+    the two samplers, whose draws depend on every random number; all four backends in the slow run)."""
+    here = {m: digest(nlmegen.fit(MODEL, population(4), backends()[m], key=jax.random.key(11))) for m in methods}
     script = os.path.join(os.path.dirname(__file__), "_small_fits.py")
     env = {**os.environ, "NLMEGEN_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
     for run in ("cold cache", "warm cache"):
-        out = subprocess.run([sys.executable, script, *METHODS], env=env, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, script, *methods], env=env, capture_output=True, text=True,
                              timeout=600, check=True).stdout
-        there = dict(line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in METHODS)
+        there = dict(line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in methods)
         assert there == here, run
     assert os.listdir(tmp_path / "cache")  # the first process did write the cache

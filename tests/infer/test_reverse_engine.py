@@ -86,6 +86,7 @@ def test_reverse_gradient_equals_forward_engine(pop):
     assert _ofv(reverse, x) == pytest.approx(_ofv(forward, x), abs=1e-7)
 
 
+@pytest.mark.slow  # about a minute (second-order sensitivities of the ODE with a network); FOCEI's check is default
 def test_laplace_gradient_equals_finite_differences(pop):
     problem, x = _problem(nlmegen.Laplace(progress=False), pop)
     assert problem.engine == "forward"  # exact Hessians need second-order sensitivities
