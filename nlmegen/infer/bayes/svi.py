@@ -343,13 +343,14 @@ class SVI:
                 n = min(chunk, int(self.num_steps) - done)
                 new_state, buf = compiled(state, jnp.int32(n), pop)
                 buf = np.asarray(buf)[:n]
-                run = _longest_nonfinite_run(np.concatenate([losses[max(0, done - MAX_SKIPPED):done], buf]))
-                if run > MAX_SKIPPED or not _finite_tree(new_state):
-                    step = done + int(np.flatnonzero(~np.isfinite(buf))[0]) + 1 if (~np.isfinite(buf)).any() else done
+                trace = np.concatenate([losses[:done], buf])
+                last = done + n == self.num_steps  # the fit must not end where the ELBO is not finite
+                if (_longest_nonfinite_run(trace[max(0, done - MAX_SKIPPED):]) > MAX_SKIPPED
+                        or not _finite_tree(new_state) or (last and not np.isfinite(trace[-1]))):
                     raise FloatingPointError(
-                        f"SVI: the ELBO is not finite from step {step} of {self.num_steps} on (guide {self.guide!r}; "
-                        f"more than {MAX_SKIPPED} steps in a row); "
-                        f"try a smaller learning_rate (now {self.learning_rate:g}, e.g. "
+                        f"SVI: the ELBO is not finite from step {_final_run_start(trace) + 1} of {self.num_steps} on "
+                        f"(guide {self.guide!r}; such steps are skipped, at most {MAX_SKIPPED} in a row, and the "
+                        f"fit must not end on one); try a smaller learning_rate (now {self.learning_rate:g}, e.g. "
                         f"{self.learning_rate / 10:g}), gradient clipping (clip_norm) or init= values closer to "
                         "the data")
                 losses[done:done + n] = buf
@@ -553,6 +554,17 @@ def _longest_nonfinite_run(values: np.ndarray) -> int:
         current = 0 if ok else current + 1
         longest = max(longest, current)
     return longest
+
+
+def _final_run_start(values: np.ndarray) -> int:
+    """Index where the trailing run of non-finite values begins (the first non-finite one if none trails)."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return values.size
+    if not bad[-1]:
+        return int(np.flatnonzero(bad)[0])
+    good = np.flatnonzero(~bad)
+    return int(good[-1]) + 1 if good.size else 0
 
 
 def _finite_tree(state) -> bool:
