@@ -4,6 +4,14 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# pytest-xdist (the default run has 2 workers, see pyproject.toml): one compilation cache directory per
+# worker, since processes writing one cache directory at once are not safe
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and os.environ.get("NLMEGEN_CACHE_DIR", "").strip().lower() not in ("0", "off", "false", "no"):
+    _base = os.environ.get("NLMEGEN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "nlmegen", "jax")
+    os.environ["NLMEGEN_CACHE_DIR"] = f"{_base}-{_WORKER}"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
