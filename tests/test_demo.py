@@ -21,7 +21,8 @@ def test_demo_writes_figures_and_refuses_to_overwrite(tmp_path, capfd):
     printed = captured.out
     assert "OFV 116.80" in printed and "converged" in printed
     # progress on stderr from the first second: compilation, then each stage with its elapsed time
-    for line in ("compiling the FOCEI objective and gradient ... ", "VPC: simulating 50 replicates ... 0 s",
+    # (stderr is captured, not a terminal: whole lines, no counting seconds)
+    for line in ("compiling the FOCEI objective and gradient ...\n", "VPC: simulating 50 replicates ...\n",
                  "VPC: 50 replicates simulated and drawn in ", "GOF panels drawn in ", "individual fits drawn in "):
         assert line in captured.err, (line, captured.err[-800:])
     for name in FIGURES:

@@ -15,20 +15,35 @@ import nlmegen
 from nlmegen.infer.shared.progress import compiling
 
 
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 def test_compiling_line_updates_every_second_and_ends_with_the_time():
-    out = io.StringIO()
+    out = _Terminal()
     with compiling("the thing", stream=out):
         time.sleep(2.3)
     text = out.getvalue()
     lines = [part for part in text.split("\r") if part]
     assert lines[:3] == [f"compiling the thing ... {k} s" for k in (0, 1, 2)], lines  # at 0.5 s, then each second
     assert re.search(r"\rcompiled the thing in 2\.\d s\n$", text)
-    quick, off = io.StringIO(), io.StringIO()
+    quick, off = _Terminal(), _Terminal()
     with compiling("a cached program", stream=quick):
         time.sleep(0.05)  # ends before the first line is due (0.5 s): a cache hit prints nothing
     with compiling("anything", False, stream=off):
         time.sleep(0.7)
     assert quick.getvalue() == "" and off.getvalue() == ""
+
+
+def test_a_log_file_gets_whole_lines():
+    """Not a terminal (CI logs, `nlmegen demo > log`): no carriage returns, one line at the start, one at the end."""
+    out = io.StringIO()
+    with compiling("the thing", stream=out):
+        time.sleep(1.7)
+    text = out.getvalue()
+    assert "\r" not in text
+    assert re.fullmatch(r"compiling the thing \.\.\.\ncompiled the thing in 1\.\d s\n", text), text
 
 
 def _model(pop):  # a model of this module only: its programs are not in any cache yet
@@ -43,7 +58,7 @@ def _model(pop):  # a model of this module only: its programs are not in any cac
 
 
 BACKENDS = {
-    "focei": (nlmegen.FOCEI(covariance="none"), "compiling the FOCEI objective and gradient ... "),
+    "focei": (nlmegen.FOCEI(covariance="none"), "compiling the FOCEI objective and gradient ...\n"),  # not a tty
     "saem": (nlmegen.SAEM(n_explore=20, n_smooth=10, chunk=10, covariance="none"), "compiling the SAEM iteration"),
     "nuts": (nlmegen.NUTS(num_warmup=20, num_samples=20, num_chains=1), "compiling the NUTS sampler"),
     "svi": (nlmegen.SVI(num_steps=50, num_draws=20, chunk_size=50), "compiling the SVI step"),

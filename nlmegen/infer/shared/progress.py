@@ -30,6 +30,7 @@ def ticker(doing: str, done: str, enabled: bool = True, *, stream: TextIO | None
         yield
         return
     out = sys.stderr if stream is None else stream
+    live = _overwrites(out)
     start = time.perf_counter()
     finished = threading.Event()
     shown = []
@@ -39,6 +40,11 @@ def ticker(doing: str, done: str, enabled: bool = True, *, stream: TextIO | None
         while not finished.wait(wait):
             elapsed = time.perf_counter() - start
             ticks = math.floor(elapsed / every + 1e-9)
+            if not live:  # a log file or a pipe: one line now, one at the end (no "\r" to overwrite with)
+                out.write(f"{doing} ...\n")
+                out.flush()
+                shown.append(True)
+                return
             out.write(f"\r{doing} ... {ticks * every:.0f} s")  # whole seconds elapsed, as a clock shows them
             out.flush()
             shown.append(True)
@@ -52,8 +58,18 @@ def ticker(doing: str, done: str, enabled: bool = True, *, stream: TextIO | None
         finished.set()
         thread.join()
         if shown:
-            out.write(f"\r{done} in {time.perf_counter() - start:.1f} s\n")
+            out.write(f"{chr(13) if live else ''}{done} in {time.perf_counter() - start:.1f} s\n")
             out.flush()
+
+
+def _overwrites(out: TextIO) -> bool:
+    """Whether ``out`` shows a line rewritten by a carriage return: a terminal, or a Jupyter stream."""
+    if type(out).__module__.startswith("ipykernel"):
+        return True
+    try:
+        return bool(out.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def compiling(what: str, enabled: bool = True, *, stream: TextIO | None = None, delay: float = 0.5,
