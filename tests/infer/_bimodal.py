@@ -47,6 +47,16 @@ def make_model(module, *, conditional: bool = False, prior: float | None = None)
     return model
 
 
+def gaussian_model(pop):
+    """The same problem with a Gaussian random-effect distribution (it cannot carry the two modes)."""
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
+    omega = numpyro.sample("omega", dist.HalfNormal(2.0).expand([2]).to_event(1))
+    with nlmegen.subjects(pop):
+        eta = numpyro.sample("eta", dist.Normal(mu, omega).to_event(1))
+        nlmegen.observe("y", dist.Normal(eta[..., 0:1] + eta[..., 1:2] * pop.times, sigma), pop)
+
+
 def mode_weights(module, weights, pop, *, conditional=False, n=4000, seed=1):
     """Masses of the slope's two modes, ``(P(b < -0.75), P(b > 0.25))``, under the distribution with
     these ``weights`` (the value of the ``re$params`` site; marginal over the subjects' covariates

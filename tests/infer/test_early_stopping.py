@@ -3,21 +3,12 @@
 import _bimodal as B
 import jax
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 import pytest
 
 import nlmegen
 from nlmegen._simulate import model_values
 
-
-def _model(pop):
-    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
-    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
-    omega = numpyro.sample("omega", dist.HalfNormal(2.0).expand([2]).to_event(1))
-    with nlmegen.subjects(pop):
-        eta = numpyro.sample("eta", dist.Normal(mu, omega).to_event(1))
-        nlmegen.observe("y", dist.Normal(eta[..., 0:1] + eta[..., 1:2] * pop.times, sigma), pop)
+_model = B.gaussian_model
 
 
 def test_early_stopping_keeps_the_iterate_with_the_best_validation_ofv():

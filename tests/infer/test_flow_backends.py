@@ -116,20 +116,9 @@ def test_backend_recovers_bimodal_random_effects_all_pairs(backend, kind, n):
 
 def test_a_gaussian_random_effect_distribution_misses_the_modes():
     """The check above can fail: a Gaussian fit of the same data puts ~the wrong mass below the midpoint."""
-    import numpyro
-    import numpyro.distributions as dist
-
     pop = nlmegen.read_nonmem(B.simulate_table(60))
-
-    def model(pop):
-        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
-        mu = numpyro.sample("mu", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
-        omega = numpyro.sample("omega", dist.HalfNormal(2.0).expand([2]).to_event(1))
-        with nlmegen.subjects(pop):
-            eta = numpyro.sample("eta", dist.Normal(mu, omega).to_event(1))
-            nlmegen.observe("y", dist.Normal(eta[..., 0:1] + eta[..., 1:2] * pop.times, sigma), pop)
-
-    fit = nlmegen.fit(model, pop, method=nlmegen.FOCEI(covariance="none", progress=False), init={"sigma": 0.1})
+    fit = nlmegen.fit(B.gaussian_model, pop, method=nlmegen.FOCEI(covariance="none", progress=False),
+                      init={"sigma": 0.1})
     mu, omega = np.asarray(fit.params["mu"]), np.asarray(fit.params["omega"])
     from scipy.stats import norm
 
