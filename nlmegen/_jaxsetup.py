@@ -17,14 +17,23 @@ __all__ = ["install"]
 _done = False
 
 
+def cache_dir() -> str | None:
+    """nlmegen's compilation cache directory from the environment (see the package docstring): ``None``
+    when ``NLMEGEN_CACHE_DIR`` turns it off."""
+    setting = os.environ.get("NLMEGEN_CACHE_DIR", "")
+    if setting.strip().lower() in ("0", "off", "false", "no"):
+        return None
+    if setting:
+        return setting
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "nlmegen", "jax")
+
+
 def _enable_compilation_cache(jax) -> None:
     """Point JAX's persistent compilation cache at nlmegen's cache directory (see the package docstring)."""
-    setting = os.environ.get("NLMEGEN_CACHE_DIR", "")
-    if setting.strip().lower() in ("0", "off", "false", "no") or jax.config.jax_compilation_cache_dir:
+    setting = cache_dir()
+    if setting is None or jax.config.jax_compilation_cache_dir:
         return
-    if not setting:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        setting = os.path.join(base, "nlmegen", "jax")
     try:
         os.makedirs(setting, exist_ok=True)
     except OSError:  # read-only home: run without the cache rather than fail

@@ -6,11 +6,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # pytest-xdist (the default run has 2 workers, see pyproject.toml): one compilation cache directory per
 # worker, since processes writing one cache directory at once are not safe
+from nlmegen._jaxsetup import cache_dir  # noqa: E402  (does not import JAX)
+
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-if _WORKER and os.environ.get("NLMEGEN_CACHE_DIR", "").strip().lower() not in ("0", "off", "false", "no"):
-    _base = os.environ.get("NLMEGEN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "nlmegen", "jax")
-    os.environ["NLMEGEN_CACHE_DIR"] = f"{_base}-{_WORKER}"
+if _WORKER and cache_dir() is not None:
+    os.environ["NLMEGEN_CACHE_DIR"] = f"{cache_dir()}-{_WORKER}"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

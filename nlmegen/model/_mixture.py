@@ -20,6 +20,7 @@ Simulation (`nlmegen.simulate`, VPC) draws each new subject's class from ``probs
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -32,7 +33,8 @@ from numpyro.primitives import Messenger
 from ._observe import OBSERVE_TAG
 from ._plate import SUBJECT_PLATE, subjects
 
-__all__ = ["MIXTURE_TAG", "SOURCE_ATTR", "class_site", "class_values", "marginalised", "mixture", "typical_class"]
+__all__ = ["MIXTURE_TAG", "SOURCE_ATTR", "class_site", "class_values", "marginalised", "mixture", "typical_class",
+           "unclassed"]
 
 #: ``infer`` key of the site declared by `mixture`: the number of classes
 MIXTURE_TAG = "nlmegen_mixture"
@@ -94,6 +96,11 @@ class typical_class(Messenger):  # noqa: N801
 def class_site(name: str, k: int) -> str:
     """Name of random-effect site ``name``'s copy for class ``k`` in `marginalised` (class 0 keeps it)."""
     return name if k == 0 else f"{name}$class{k}"
+
+
+def unclassed(label: str) -> str:
+    """``label`` (a site name or an element label such as ``eta$class1[0]``) without `class_site`'s suffix."""
+    return re.sub(r"\$class\d+", "", label)
 
 
 def _in_subjects(msg: dict) -> bool:

@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,6 +70,7 @@ from tqdm.auto import tqdm
 from ..._errors import ModelError
 from ...dynamics.ode import forward_mode
 from ...model import discover
+from ...model._mixture import unclassed
 from ..laplace.backend import check_population
 from ..shared import checkpoint
 from ..shared.checks import check_fit
@@ -695,10 +695,10 @@ def _adam(lr: float):
 
 def _copy_groups(labels: list[str]) -> list[tuple[int, ...]]:
     """Random-effect components grouped by their label without the class suffix (`marginalised`'s
-    ``<site>$class<k>`` copies): singletons unless the model is a mixture."""
+    ``<site>$class<k>`` copies, `unclassed`): singletons unless the model is a mixture."""
     groups: dict[str, list[int]] = {}
     for k, label in enumerate(labels):
-        groups.setdefault(re.sub(r"\$class\d+", "", label), []).append(k)
+        groups.setdefault(unclassed(label), []).append(k)
     return [tuple(ks) for ks in groups.values()]
 
 

@@ -276,13 +276,14 @@ def finish(problem, run) -> FitResult:
 
     params = {k: (np.asarray(v) if not isinstance(v, dict) else _flat_values({k: v}))
               for k, v in density.theta_space.constrain(jnp.asarray(theta)).items()}
-    if focei is not None and focei["pred"] is not None:
-        se, se_u, cov = focei["se"], focei["se_u"], focei["cov"]
+    se, se_u, cov = (focei["se"], focei["se_u"], focei["cov"]) if focei is not None else ({}, None, None)
+    shrinkage = {}
+    if getattr(problem.model, SOURCE_ATTR, None) is not None:  # a mixture: `fit_mixture` predicts per class
+        pred = ipred = np.full(np.shape(pop.dv), np.nan)
+    elif focei is not None:
         pred, ipred = focei["pred"], focei["ipred"]
         shrinkage = _shrinkage(pop, eta_mean, focei["precision"], ipred, focei["var"])
     else:
-        se, se_u, cov, shrinkage = ({}, None, None, {}) if focei is None else (focei["se"], focei["se_u"],
-                                                                               focei["cov"], {})
         means = jax.jit(lambda t, e: site_means(density, t, e, pop))
         pred = np.asarray(means(jnp.asarray(theta), jnp.zeros_like(jnp.asarray(eta_mean))))
         ipred = np.asarray(means(jnp.asarray(theta), jnp.asarray(eta_mean)))

@@ -58,7 +58,8 @@ def ticker(doing: str, done: str, enabled: bool = True, *, stream: TextIO | None
         finished.set()
         thread.join()
         if shown:
-            out.write(f"{chr(13) if live else ''}{done} in {time.perf_counter() - start:.1f} s\n")
+            back = "\r" if live else ""  # over the live counter's line
+            out.write(f"{back}{done} in {time.perf_counter() - start:.1f} s\n")
             out.flush()
 
 
