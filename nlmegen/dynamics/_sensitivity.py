@@ -50,7 +50,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array
 
-from .._collect import collecting
+from .._collect import ODE_SOLVES, collecting
 
 __all__ = ["SensitivityUnsupported", "active", "no_dynamics", "recording", "sensitivities", "solve_with_sensitivities"]
 
@@ -66,7 +66,7 @@ class _Mode(NamedTuple):
 
 _MODE: contextvars.ContextVar = contextvars.ContextVar("nlmegen_ode_sensitivities", default=None)
 _NO_DYNAMICS: contextvars.ContextVar = contextvars.ContextVar("nlmegen_ode_no_dynamics", default=False)
-_RECORD: contextvars.ContextVar = contextvars.ContextVar("nlmegen_ode_record", default=None)
+_RECORD = ODE_SOLVES
 
 
 @contextlib.contextmanager

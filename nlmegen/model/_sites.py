@@ -16,6 +16,7 @@ from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_sample
 
+from .._collect import ODE_SOLVES, collecting
 from .._errors import ModelError
 from ..data._covariates import reading, time_varying_hint
 from ._mixture import MIXTURE_TAG
@@ -63,6 +64,7 @@ class Sites:
     deterministic: tuple[str, ...]
     n_subjects: int
     mixtures: tuple[Site, ...] = ()  # sub-population sites (nlmegen.mixture); size = number of classes
+    ode_solves: tuple[int, ...] = ()  # one entry per `nlmegen.ode.solve` call: its steady-state dose records
 
     @property
     def n_eta(self) -> int:
@@ -150,7 +152,7 @@ def discover(model, pop, *args, **kwargs) -> Sites:
     >>> [s.name for s in sites.random_effects], sites.n_eta
     (['eta'], 3)
     """
-    with reading() as covariates_read:
+    with reading() as covariates_read, collecting(ODE_SOLVES) as solves:
         try:
             view = _abstract_trace(model, (pop, *args), kwargs)
         except (ValueError, TypeError) as err:  # name a time-varying covariate behind a shape error
@@ -219,7 +221,7 @@ def discover(model, pop, *args, **kwargs) -> Sites:
         raise ModelError("the model has no subject plate; wrap random effects and observations in "
                          "`with nlmegen.subjects(pop):`")
     return Sites(tuple(population), tuple(random_effects), tuple(observed), tuple(deterministic), n_subj,
-                 tuple(mixtures))
+                 tuple(mixtures), tuple(int(c.n_ss) for c in solves))
 
 
 def _masked_fn(fn: Any) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..._errors import DataError, ModelError
-from ...dynamics._sensitivity import SensitivityUnsupported, recording
+from ...dynamics._sensitivity import SensitivityUnsupported
 from ...model import Density, discover
 from ..shared import checkpoint
 from ..shared.checks import check_fit, ode_step_limit
@@ -87,7 +87,8 @@ class Laplace:
         marginal fit: no EBE searches, one model run per step, so far cheaper far from the optimum.
         The fit then starts there, its EBE searches from the joint mode's random effects.
         ``"auto"`` (default): up to 500 steps for models with network weights or more than 32 free
-        parameters (Bayesian network weights, given a prior), none otherwise.
+        parameters (Bayesian network weights, given a prior), up to 100 for other models with ODE
+        dynamics (an OFV evaluation costs an EBE search of ODE solves, a step one solve), none otherwise.
     devices
         Devices the subjects are split over in every evaluation (`shard`: ``shard_map`` with a
         ``psum`` of the OFV and its gradient; subjects in a cost-balanced layout). ``None``
@@ -216,10 +217,8 @@ class _Problem:
         many = int(self.free.sum()) > AUTO_REVERSE_PARAMS
         if not (network or many or not self.density.sites.n_eta):
             return "forward"
-        with recording() as calls:  # steady-state ODE dosing: forward (the sensitivity solve lacks it)
-            jax.eval_shape(lambda t, e, p: jax.tree.leaves(self.density.subject_terms(t, e, p)),
-                           jnp.asarray(self.theta0), self.eta, self.pop)
-        return "forward" if any(c.n_ss for c in calls) else "reverse"
+        # steady-state ODE dosing: forward (the sensitivity solve lacks it)
+        return "forward" if any(self.density.sites.ode_solves) else "reverse"
 
     def compile(self) -> float:
         """Compile the evaluation function once (cached across fits); return the seconds spent."""
@@ -315,7 +314,8 @@ class _Problem:
             self.warnings, self.nonfinite = list(saved["warnings"]), saved["nonfinite"]
             last["state"] = BFGSState(**saved["bfgs"])
         try:
-            steps = joint_steps(self.backend.joint_steps, self.density, self.free)
+            steps = joint_steps(self.backend.joint_steps, self.density, self.free,
+                                ode=bool(self.density.sites.ode_solves))
             if saved is None and x0.size and steps:
                 x0 = self.joint_start(x0, steps, bar)
             if saved is None and x0.size and self.backend.adam_steps:

@@ -555,7 +555,9 @@ def _newton_local(objective, scoring, newton, eta0: Array, max_iter: int, gtol: 
         halvings = jnp.where(noise, min(NOISE_HALVINGS, max_halvings), max_halvings)
         new_eta, new_value, accepted = _line_search(objective, eta, value, step, halvings)
         failed = active & ~accepted
-        slow = jnp.any(active & accepted & (decrement > SLOW_RATE * last))
+        # slow: a subject above the solver's noise floor whose decrement fell by less than SLOW_RATE (at
+        # the floor decrements stop falling whatever the matrix: that is no reason for the exact Hessian)
+        slow = jnp.any(active & accepted & ~noise & (decrement > SLOW_RATE * last))
         new_g, new_m = local(new_eta, it + 1, slow)
         # a failed line search at the noise floor is the mode as far as the solver resolves it
         done = _finished(done | (failed & noise), active & accepted, decrement, last, ODE_NOISE_DECREMENT)
