@@ -103,8 +103,44 @@ def test_a_stalled_subject_is_not_reported_converged(search):
     if search == "newton":
         state = obj._newton(objective, hessian, eta0, max_iter=50, gtol=1e-8, max_halvings=20)
     else:
-        local = lambda e: (obj._columns(objective, e), hessian(e))  # noqa: E731
-        state = obj._newton_local(objective, local, local, eta0, max_iter=50, gtol=1e-8, max_halvings=20)
+        local = lambda e: (obj._columns(objective, e), hessian(e), jnp.zeros_like(e))  # noqa: E731
+        state, _, _ = obj._newton_local(objective, local, local, eta0, max_iter=50, gtol=1e-8, max_halvings=20)
     assert bool(state.converged[0]) and np.allclose(state.eta[0], 3.0, atol=1e-6)
     assert int(state.iterations) > 2  # subject 0 kept searching after subject 1 stalled
     assert not bool(state.converged[1])
+
+
+@pytest.mark.parametrize("max_iter", [50, 2])
+def test_the_search_ends_with_the_exact_pieces_at_its_result(max_iter):
+    """With ``final_exact`` the sensitivity engine's search returns ``exact``'s matrix and extra at the
+    EBEs it returns (what the reverse engine's multipliers use), also when it stops at its iteration cap;
+    the search itself is Fisher scoring with a matrix that is only approximately the Hessian."""
+    from nlmegen.infer.laplace import objective as obj
+
+    target = jnp.array([[1.0, -2.0], [0.5, 0.3], [-1.0, 2.0]])
+
+    def objective(e):
+        return -jnp.sum(jnp.cosh(e - target), axis=-1)
+
+    def hessian(e):
+        return jnp.einsum("sk,kl->skl", jnp.cosh(e - target), jnp.eye(2))
+
+    def scoring(e):  # a matrix off by a factor 2: linear convergence
+        return obj._columns(objective, e), 2.0 * hessian(e), jnp.zeros_like(e)
+
+    def exact(e):
+        return obj._columns(objective, e), hessian(e), 10.0 * e
+
+    eta0 = jnp.zeros((3, 2))
+    state, matrix, extra = obj._newton_local(objective, scoring, exact, eta0, max_iter=max_iter, gtol=1e-10,
+                                             max_halvings=20, final_exact=True)
+    np.testing.assert_allclose(matrix, hessian(state.eta), rtol=1e-12)
+    np.testing.assert_allclose(extra, 10.0 * state.eta, rtol=1e-12)
+    if max_iter == 2:
+        assert int(state.iterations) == 2 and not bool(state.converged.any())
+    else:
+        assert bool(state.converged.all())
+        np.testing.assert_allclose(state.eta, target, atol=1e-5)  # scoring at rate 1/2: decrement 1e-12
+    plain, _, no_extra = obj._newton_local(objective, scoring, exact, eta0, max_iter=max_iter, gtol=1e-10,
+                                           max_halvings=20)
+    assert int(plain.iterations) == int(state.iterations)

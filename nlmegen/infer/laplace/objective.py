@@ -267,8 +267,15 @@ class Objective:
         precision = self.prior_curvature_static(theta, zero, pop)
         return _fo_from(precision, loc.f, loc.g, loc.var, loc.y, loc.mask)
 
-    def ebe_local(self, theta: Array, eta0: Array, pop, var0: Array | None = None) -> EBEState:
-        """The EBE search of `ebe`, with gradient and curvature from one sensitivity run per iteration."""
+    def ebe_local(self, theta: Array, eta0: Array, pop, var0: Array | None = None,
+                  final_exact: bool = False) -> tuple[EBEState, Array, Array]:
+        """The EBE search of `ebe`, with gradient and curvature from one sensitivity run per iteration.
+
+        Returns ``(state, matrix, d OFV_i / d eta)``; with ``final_exact``, the matrix is the exact
+        ``H_i = -d^2 l_i / d eta^2`` at the returned EBEs and the last entry the derivative of each
+        subject's OFV (`exact_pieces`), from one more pass after the search (what the reverse engine's
+        multipliers need).
+        """
         fwd = diffrax.ForwardMode()
 
         def objective(e):  # line-search values: plain solves, no derivatives
@@ -279,19 +286,26 @@ class Objective:
 
         def scoring(e):  # Fisher scoring: the method's curvature A_i
             loc = self.local(theta, e, pop, var0, fwd)
-            return loc.grad, loc.curvature
+            return loc.grad, loc.curvature, jnp.zeros_like(loc.grad)
 
-        def newton(e):  # Newton: the exact Hessian (made positive definite), second derivatives in eta
-            grad, hess = self.exact_hessian(theta, e, pop, var0)
-            return grad, _positive_definite(hess)
+        def exact(e):  # Newton: the exact Hessian, second derivatives in eta
+            return self.exact_pieces(theta, e, pop, var0)
 
-        return _newton_local(objective, scoring, newton, eta0, self.max_iter, self.gtol, self.max_halvings)
+        return _newton_local(objective, scoring, exact, eta0, self.max_iter, self.gtol, self.max_halvings,
+                             final_exact)
 
-    def exact_hessian(self, theta: Array, eta: Array, pop, var0: Array | None = None) -> tuple[Array, Array]:
-        """``d l_i / d eta`` and ``H_i = -d^2 l_i / d eta^2`` of the EBE objective (forward over forward)."""
+    def exact_pieces(self, theta: Array, eta: Array, pop, var0: Array | None = None) -> tuple[Array, Array, Array]:
+        """``d l_i / d eta``, ``H_i = -d^2 l_i / d eta^2`` of the EBE objective and ``d OFV_i / d eta``
+        (the OFV of `local_ofv`, whose ``log|A_i|`` depends on eta through ``g = df/d eta``), from one
+        forward-over-forward pass (the augmented solves in `diffrax.ForwardMode`)."""
         fwd = diffrax.ForwardMode()
-        grad, dgrad = _value_and_columns(lambda e: self.local(theta, e, pop, var0, fwd).grad, eta)
-        return grad, -0.5 * (dgrad + jnp.swapaxes(dgrad, -1, -2))
+
+        def pieces(e):
+            loc = self.local(theta, e, pop, var0, fwd)
+            return loc.grad, self.local_ofv(loc, pop)
+
+        (grad, _), (dgrad, dofv) = _value_and_columns(pieces, eta)
+        return grad, -0.5 * (dgrad + jnp.swapaxes(dgrad, -1, -2)), dofv
 
     def n_observations(self, pop) -> int:
         """Observation records that count for the OFV's dropped ``N log(2 pi)`` constant."""
@@ -519,32 +533,56 @@ AT_MODE_DECREMENT = DECREMENT_TOL
 NOISE_HALVINGS = 4
 
 
-def _newton_local(objective, scoring, newton, eta0: Array, max_iter: int, gtol: float,
-                  max_halvings: int) -> EBEState:
-    """`_newton` with the gradient and the Newton matrix from one call ``scoring(eta) -> (g, M)``.
+class _Search(NamedTuple):
+    """The carry of `_newton_local`'s loop."""
 
-    The same iteration and stopping rules; the sensitivity engine computes both from one model run.
-    Fisher scoring (FOCE(I)'s ``A_i``) is cheap and robust far from the mode but converges only
-    linearly where the model fits badly (large residuals: a network at its initial weights); after
-    `SCORING_ITERATIONS` the search goes on with ``newton(eta)`` (exact Hessian, quadratic
-    convergence) if some subject is still searching.
+    eta: Array
+    value: Array
+    g: Array  # gradient at eta (computed at the start of the last iteration)
+    m: Array  # the matrix computed with it
+    extra: Array
+    it: Array
+    stalled: Array
+    done: Array
+    last: Array  # each subject's last decrement
+    slow: Array  # some subject's decrement fell by less than SLOW_RATE in the last iteration
+    final: Array  # the next iteration only evaluates (the exact pieces at the EBEs)
+    finished: Array
+
+
+def _newton_local(objective, scoring, exact, eta0: Array, max_iter: int, gtol: float, max_halvings: int,
+                  final_exact: bool = False) -> tuple[EBEState, Array, Array]:
+    """`_newton` with the gradient and the Newton matrix from one call per iteration.
+
+    ``scoring(eta) -> (g, A, extra)``: the gradient, Fisher scoring's matrix (FOCE(I)'s ``A_i``) and
+    zeros shaped as ``exact``'s extra; ``exact(eta) -> (g, H, extra)``: the gradient, the exact
+    ``-d^2 l / d eta^2`` (symmetric; made positive definite for the step) and what else the caller wants
+    from that pass. The same iteration and stopping rules as `_newton`; the sensitivity engine computes
+    everything from one model run. Fisher scoring is cheap and robust far from the mode but converges
+    only linearly where the model fits badly (large residuals: a network at its initial weights);
+    after `SCORING_ITERATIONS` the search goes on with ``exact`` (quadratic convergence) if some subject
+    above the solver's noise floor still converges slowly.
+
+    Each iteration evaluates at its start, so each function appears once in the compiled program
+    (`exact` is the largest: forward over forward through the ODE solves). With ``final_exact`` one
+    more iteration evaluates ``exact`` at the returned EBEs, without a step. Returns
+    ``(state, matrix, extra)`` of the last evaluation, at the returned EBEs.
     """
 
-    def local(e, it, slow):
-        use_newton = (it >= NEWTON_AFTER) | ((it >= SCORING_ITERATIONS) & slow)
-        return jax.lax.cond(use_newton, newton, scoring, e)
+    def pieces(e, it, slow, final):
+        rule = (it >= NEWTON_AFTER) | ((it >= SCORING_ITERATIONS) & slow)
+        use_exact = jnp.where(final, final_exact, rule)
+        return jax.lax.cond(use_exact, lambda x: (*exact(x), True), lambda x: (*scoring(x), False), e)
 
-    def cond(carry):
-        eta, value, g, m, it, stalled, done, _ = carry
-        return (it < max_iter) & jnp.any((_gnorm(g) > gtol) & ~stalled & ~done)
-
-    def body(carry):
-        eta, value, g, m, it, stalled, done, last = carry
-        step = jnp.linalg.solve(m, g[..., None])[..., 0]
+    def body(c: _Search) -> _Search:
+        g, m, extra, is_exact = pieces(c.eta, c.it, c.slow, c.final)
+        stalled = c.stalled | ~jnp.all(jnp.isfinite(g), axis=-1)
+        searching = (_gnorm(g) > gtol) & ~stalled & ~c.done & ~c.final & (c.it < max_iter)
+        matrix = jax.lax.cond(is_exact, _positive_definite, lambda a: a, m)
+        step = jnp.linalg.solve(matrix, g[..., None])[..., 0]
         decrement = jnp.sum(g * step, axis=-1)
-        searching = (_gnorm(g) > gtol) & ~stalled & ~done
         at_mode = decrement <= AT_MODE_DECREMENT  # nothing left to gain: done without a step
-        done = done | (searching & at_mode)
+        done = c.done | (searching & at_mode)
         # a trust region: no random effect moves by more than MAX_EBE_STEP in one iteration, so one
         # subject's wild trial point (an extreme rate constant: a stiff, slow solve) cannot stall the batch
         size = jnp.max(jnp.abs(step), axis=-1, keepdims=True)
@@ -553,23 +591,31 @@ def _newton_local(objective, scoring, newton, eta0: Array, max_iter: int, gtol: 
         step = jnp.where(active[:, None], step, 0.0)
         noise = decrement <= ODE_NOISE_DECREMENT
         halvings = jnp.where(noise, min(NOISE_HALVINGS, max_halvings), max_halvings)
-        new_eta, new_value, accepted = _line_search(objective, eta, value, step, halvings)
+        new_eta, new_value, accepted = _line_search(objective, c.eta, c.value, step, halvings)
         failed = active & ~accepted
         # slow: a subject above the solver's noise floor whose decrement fell by less than SLOW_RATE (at
         # the floor decrements stop falling whatever the matrix: that is no reason for the exact Hessian)
-        slow = jnp.any(active & accepted & ~noise & (decrement > SLOW_RATE * last))
-        new_g, new_m = local(new_eta, it + 1, slow)
+        slow = jnp.any(active & accepted & ~noise & (decrement > SLOW_RATE * c.last))
         # a failed line search at the noise floor is the mode as far as the solver resolves it
-        done = _finished(done | (failed & noise), active & accepted, decrement, last, ODE_NOISE_DECREMENT)
-        stalled = stalled | (failed & ~noise) | ~jnp.all(jnp.isfinite(new_g), axis=-1)
-        return new_eta, new_value, new_g, new_m, it + 1, stalled, done, jnp.where(active, decrement, last)
+        done = _finished(done | (failed & noise), active & accepted, decrement, c.last, ODE_NOISE_DECREMENT)
+        stalled = stalled | (failed & ~noise)
+        stepped = jnp.any(active & accepted)
+        it = c.it + stepped.astype(c.it.dtype)
+        # over: no subject moved (all at their modes or stalled), or the iteration cap. One more
+        # evaluation where the EBEs moved (their gradient) or the exact pieces are wanted and not at hand
+        over = ~stepped | (it >= max_iter)
+        need_final = over & (stepped | (final_exact & ~is_exact))
+        return _Search(new_eta, new_value, g, m, extra, it, stalled, done, jnp.where(active, decrement, c.last),
+                       slow, ~c.final & need_final, c.final | (over & ~need_final))
 
     value0 = objective(eta0)
-    g0, m0 = scoring(eta0)
+    g0, m0, extra0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(scoring, eta0))
     n = eta0.shape[0]
-    init = (eta0, value0, g0, m0, jnp.zeros((), int), ~jnp.isfinite(value0), jnp.zeros(n, bool), jnp.full(n, jnp.inf))
-    eta, value, g, _, it, _, done, _ = jax.lax.while_loop(cond, body, init)
-    return _ebe_state(eta, value, g, it, done, gtol)
+    false = jnp.zeros((), bool)
+    init = _Search(eta0, value0, g0, m0, extra0, jnp.zeros((), int), ~jnp.isfinite(value0), jnp.zeros(n, bool),
+                   jnp.full(n, jnp.inf), false, false, false)
+    c = jax.lax.while_loop(lambda c: ~c.finished, body, init)
+    return _ebe_state(c.eta, c.value, c.g, c.it, c.done, gtol), c.m, c.extra
 
 
 def _line_search(objective, eta, value, step, max_halvings):

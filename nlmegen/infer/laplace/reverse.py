@@ -8,7 +8,9 @@ For FO, FOCE and FOCEI on any model (ODE models through the sensitivity-augmente
 2. At ``eta*``, values only: the exact Hessian ``H_i = -d^2 l_i / d eta^2`` of the joint log
    density and the partial derivative ``dF_i / d eta`` of the subject's OFV ``F_i`` (its
    ``log|A_i|`` depends on eta through ``g = df/d eta``), from one forward-over-forward pass (the
-   augmented solves in `diffrax.ForwardMode`); ``lambda_i = H_i^-1 dF_i / d eta``.
+   augmented solves in `diffrax.ForwardMode`) that ends the search (`Objective.exact_pieces`, the
+   same function as the search's Newton steps: one copy in the compiled program);
+   ``lambda_i = H_i^-1 dF_i / d eta``.
 3. ONE reverse-mode pass (diffrax's checkpointed adjoint) of
    ``L_i(theta) = F_i(theta, eta*) + lambda_i' d l_i / d eta (theta, eta*)``:
    at the mode ``d l_i / d eta = 0``, so ``L_i = F_i`` in value, and by the implicit function
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .objective import LOG_2PI, EBEState, Objective, _n_observations, _value_and_columns
+from .objective import LOG_2PI, EBEState, Objective, _n_observations
 
 __all__ = ["reverse_value_and_grad"]
 
@@ -58,18 +60,6 @@ def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.nda
             return 0.0
         return -2.0 * objective.density.log_prior(theta, pop, jacobian=False) / n_subjects
 
-    def multipliers(theta, eta, pop):
-        """``lambda_i = H_i^-1 dF_i/d eta`` at the EBEs (values: no theta-derivatives)."""
-        var0 = var0_of(theta, pop, fwd)
-
-        def pieces(e):
-            loc = objective.local(theta, e, pop, var0, fwd)
-            return loc.grad, objective.local_ofv(loc, pop)
-
-        _, (dgrad, dofv) = _value_and_columns(pieces, eta)
-        hess = -0.5 * (dgrad + jnp.swapaxes(dgrad, -1, -2))
-        return jnp.linalg.solve(hess, dofv[..., None])[..., 0]
-
     def value_and_grad(theta_free, theta_all, eta0, pop):
         if objective.n_eta == 0:
             return _without_random_effects(theta_free, theta_all, pop)
@@ -89,12 +79,13 @@ def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.nda
             return ofv + map_penalty(theta, pop, n_subjects)
 
         var0 = var0_of(theta, pop, fwd)
-        ebe = objective.ebe_local(theta, eta0, pop, var0)
+        # the search ends with the exact Hessian and d OFV_i / d eta at the EBEs (not for FO)
+        ebe, hess, dofv = objective.ebe_local(theta, eta0, pop, var0, final_exact=method != "fo")
         eta = jax.lax.stop_gradient(ebe.eta)
         if method == "fo":
             lam = jnp.zeros_like(eta)
-        else:
-            lam = jax.lax.stop_gradient(multipliers(theta, eta, pop))
+        else:  # lambda_i = H_i^-1 dF_i/d eta (values: no theta-derivatives)
+            lam = jax.lax.stop_gradient(jnp.linalg.solve(hess, dofv[..., None])[..., 0])
         ofv_i, grad_i = jax.vmap(jax.value_and_grad(subject_objective), in_axes=(None, None, 0, 0, 0))(
             theta_free, theta_all, eta[:, None], lam[:, None], one_subject_populations(pop))
         eta_jac = jnp.zeros((*eta.shape, theta_free.size), eta.dtype)
