@@ -27,9 +27,11 @@ def _release_compiled_programs():
     import gc
 
     from nlmegen.infer.laplace import backend
+    from nlmegen.infer.shared import joint
     from nlmegen.parallel import _tasks
 
     backend._CACHE.clear()
+    joint._CACHE.clear()
     _tasks._OFV_CACHE.clear()
     jax.clear_caches()
     gc.collect()
