@@ -103,8 +103,9 @@ def main() -> None:
     n = 12 if args.quick else 60
     cases = args.cases.split(",")
     out_path = Path(args.out) if args.out else RESULTS / ("engine-quick.json" if args.quick else "engine.json")
-    results: dict = {"machine": {"platform": platform.platform(), "cpus": jax.device_count(),
-                                 "jax": jax.__version__}, "n_subjects": n}
+    machine = {"platform": platform.platform(), "jax_devices": jax.device_count(), "cpu_cores": os.cpu_count(),
+               "jax": jax.__version__}
+    results: dict = {"machine": machine, "n_subjects": n}
     pop = study(n)
 
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
