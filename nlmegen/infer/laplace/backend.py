@@ -166,6 +166,9 @@ def check_population(pop) -> None:
 class _Problem:
     """One fit: the model's pieces, the free parameter vector and the compiled functions."""
 
+    #: whether ``joint_steps="auto"`` gives ODE models a warm start (see `joint_steps`)
+    ode_warm_start: bool = True
+
     def __init__(self, backend, model, pop, density, theta0, free, labels, fixed_names):
         self.backend, self.model, self.pop, self.density = backend, model, pop, density
         self.theta0, self.free, self.labels, self.fixed_names = theta0, free, labels, fixed_names
@@ -317,7 +320,7 @@ class _Problem:
             last["state"] = BFGSState(**saved["bfgs"])
         try:
             steps = joint_steps(self.backend.joint_steps, self.density, self.free,
-                                ode=bool(self.density.sites.ode_solves))
+                                ode=self.ode_warm_start and bool(self.density.sites.ode_solves))
             if saved is None and x0.size and steps:
                 x0 = self.joint_start(x0, steps, bar)
             if saved is None and x0.size and self.backend.adam_steps:

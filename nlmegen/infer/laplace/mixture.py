@@ -99,6 +99,8 @@ class MixtureObjective:
 class MixtureProblem(_Problem):
     """A Laplace-family fit of a mixture model: the backend's `_Problem` on the mixture objective."""
 
+    ode_warm_start = False  # no joint mode (below): not by default for ODE models either
+
     def __init__(self, backend, model, pop, density, theta0, free, labels, fixed_names):
         if backend.method == "fo":
             raise ModelError("FO linearises one model at eta = 0; a mixture model (nlmegen.mixture) needs each "
