@@ -100,7 +100,15 @@ def test_auto_engine_choice(pop):
     network = _Problem.build(nlmegen.FOCEI(progress=False), MODEL, pop, INIT, None)
     assert network.resolve_engine() == "reverse"
     hill = _Problem.build(nlmegen.FOCEI(progress=False), nlmegen.examples.idr_model, pop, None, None)
-    assert hill.resolve_engine() == "forward"  # 14 parameters: the forward engine is as fast
+    assert hill.resolve_engine() == "reverse"  # an ODE model: reverse even with 14 parameters
+    # ... but steady-state doses, which the sensitivity solve does not cover, keep the forward engine
+    table = idr_population(3, n_doses=2, times=(1, 2, 4, 8, 12, 24, 36))
+    doses = table["EVID"] == 1
+    table.loc[doses, "SS"], table.loc[doses, "II"] = 1, 24.0
+    table.loc[~doses, "DV"] = 1.0
+    steady = _Problem.build(nlmegen.FOCEI(progress=False), nlmegen.examples.idr_model, nlmegen.read_nonmem(table),
+                            None, None)
+    assert steady.resolve_engine() == "forward"
     theo = nlmegen.read_nonmem(nlmegen.datasets.load("theo_sd"))
     closed = _Problem.build(nlmegen.FOCEI(progress=False), nlmegen.examples.theo_model, theo, None, None)
     assert closed.resolve_engine() == "forward"
