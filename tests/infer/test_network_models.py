@@ -50,6 +50,10 @@ def test_everything_after_the_fit_works_on_a_network_model(focei_fit, pop, tmp_p
     assert np.isfinite(table["CWRES"]).all() and np.isfinite(table["IWRES"]).all()
     assert nlmegen.vpc(fit, n_sim=20, key=jax.random.key(1)) is not None
     assert nlmegen.plot_individuals(fit) is not None
+    # the natural-scale table differentiates the model forward (its ODE solves in forward mode)
+    natural = fit.table("natural")
+    assert "OMEGA(eta[0])" in natural.index and np.isfinite(natural["estimate"].to_numpy(float)).all()
+    assert "natural-scale table unavailable" not in repr(fit)
     fit.save(tmp_path / "deepnlme.nc")
     loaded = nlmegen.load(tmp_path / "deepnlme.nc")
     np.testing.assert_allclose(loaded.params["effect$params"], fit.params["effect$params"])

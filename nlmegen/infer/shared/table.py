@@ -215,7 +215,10 @@ def natural_table(fit: Any) -> pd.DataFrame:
         values = q.values(full(x))
         return jnp.concatenate([jnp.ravel(v) for v in values.values()]) if values else jnp.zeros(0), values
 
-    with numpyro.validation_enabled(False):
+    from ...dynamics.ode import forward_mode
+
+    # forward mode (jacfwd) through the model: its ODE solves must use diffrax.ForwardMode
+    with numpyro.validation_enabled(False), forward_mode():
         x_hat = jnp.asarray(fit.theta[free_idx])
         _, values = flat(x_hat)
         values = {k: np.asarray(v, dtype=float) for k, v in values.items()}
@@ -455,7 +458,9 @@ def _eta_names(fit, q) -> dict[str, str]:
         tr = q.trace(theta, eta)
         return {n: jnp.reshape(tr[n]["value"], (fit.n_subjects, -1))[0] for n in dets}
 
-    with numpyro.validation_enabled(False):
+    from ...dynamics.ode import forward_mode
+
+    with numpyro.validation_enabled(False), forward_mode():
         jac = jax.jacfwd(subject0)(q.eta0[0])
     drivers: dict[int, list[str]] = {}
     for name, j in jac.items():
