@@ -6,9 +6,9 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
-#: While set (a list), every `nlmegen.ode.solve` call appends its configuration to it: the backends find
-#: out whether a model has ODE dynamics and which event kinds (`nlmegen.dynamics._sensitivity.recording`).
-#: Here, not beside the solver, so that site discovery can record without importing diffrax.
+#: While set (a list), every `nlmegen.ode.solve` call appends its configuration to it: site discovery
+#: (`nlmegen.model.discover`, ``Sites.ode_solves``) finds out whether a model has ODE dynamics and
+#: steady-state doses. Here, not beside the solver, so that discovery records without importing diffrax.
 ODE_SOLVES: contextvars.ContextVar = contextvars.ContextVar("nlmegen_ode_record", default=None)
 
 

@@ -50,9 +50,9 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array
 
-from .._collect import ODE_SOLVES, collecting
+from .._collect import ODE_SOLVES
 
-__all__ = ["SensitivityUnsupported", "active", "no_dynamics", "recording", "sensitivities", "solve_with_sensitivities"]
+__all__ = ["SensitivityUnsupported", "active", "no_dynamics", "sensitivities", "solve_with_sensitivities"]
 
 
 class SensitivityUnsupported(NotImplementedError):
@@ -66,19 +66,11 @@ class _Mode(NamedTuple):
 
 _MODE: contextvars.ContextVar = contextvars.ContextVar("nlmegen_ode_sensitivities", default=None)
 _NO_DYNAMICS: contextvars.ContextVar = contextvars.ContextVar("nlmegen_ode_no_dynamics", default=False)
-_RECORD = ODE_SOLVES
-
-
-@contextlib.contextmanager
-def recording():
-    """Within this block every `nlmegen.ode.solve` call appends its configuration to the yielded list
-    (the backends find out whether a model has ODE dynamics, and which event kinds)."""
-    with collecting(_RECORD) as calls:
-        yield calls
 
 
 def record(cfg) -> None:
-    calls = _RECORD.get()
+    """Append a solve's configuration to the list being collected (`nlmegen._collect.ODE_SOLVES`), if any."""
+    calls = ODE_SOLVES.get()
     if calls is not None:
         calls.append(cfg)
 

@@ -83,15 +83,16 @@ def distribution_parameters(density, pop, theta0: np.ndarray, free: np.ndarray, 
     """Which free parameters only the random effects' distribution uses (omega, correlations).
 
     The observations' log-likelihood given ``eta`` has a structurally zero gradient with respect to
-    them (an exact 0.0 from reverse mode; any use, however weak, gives a non-zero float).
+    them (an exact 0.0 from reverse mode; any use, however weak, gives a non-zero float). The gradient
+    comes from the joint-mode warm start's program (compiled once per model and shape).
     """
-    theta_all = jnp.asarray(theta0)
-    free_idx = jnp.asarray(np.flatnonzero(free))
+    compiled = _value_and_grad(density, pop, np.flatnonzero(free), use_map=False)
+    return _held(compiled(jnp.asarray(x), jnp.asarray(eta), jnp.asarray(theta0), pop)[1])
 
-    def loglik(x):
-        return jnp.sum(density.subject_terms(theta_all.at[free_idx].set(x), jnp.asarray(eta), pop)[0])
 
-    return np.asarray(jax.jit(jax.grad(loglik))(jnp.asarray(x))) == 0.0
+def _held(grad_loglik) -> np.ndarray:
+    """Free parameters with a structurally zero log-likelihood gradient (see `distribution_parameters`)."""
+    return np.asarray(grad_loglik) == 0.0
 
 
 def joint_mode(density, pop, theta0: np.ndarray, free: np.ndarray, x0: np.ndarray, eta0: jax.Array,
@@ -113,8 +114,8 @@ def joint_mode(density, pop, theta0: np.ndarray, free: np.ndarray, x0: np.ndarra
     eta0 = jnp.asarray(eta0)
     compiled = _value_and_grad(density, pop, np.flatnonzero(free), use_map)
     first = compiled(x0, eta0, theta_all, pop)
-    # the parameters held: those the observations do not depend on given eta (an exact 0.0 gradient)
-    moving = np.flatnonzero(np.asarray(first[1]) != 0.0)
+    # the parameters held: those the observations do not depend on given eta (`distribution_parameters`)
+    moving = np.flatnonzero(~_held(first[1]))
     move_idx, k, shape = jnp.asarray(moving), moving.size, eta0.shape
 
     def value_and_grad(z):
