@@ -53,8 +53,8 @@ def study(n_subjects: int):
     return nlmegen.read_nonmem(idr_design(n_subjects))
 
 
-def nn_init(model, n_eta: int) -> dict:
-    return {**NN_INIT, "omega": np.full(n_eta, 0.3), "effect$params": nnx.to_pure_dict(nnx.state(model.net, nnx.Param))}
+def nn_init(model) -> dict:
+    return {**NN_INIT, "omega": np.full(2, 0.3), "effect$params": nnx.to_pure_dict(nnx.state(model.net, nnx.Param))}
 
 
 def fit_case(model, pop, init, engine: str, maxiter: int = 1000) -> dict:
@@ -126,7 +126,7 @@ def main() -> None:
     if "gradient" in cases:
         print(f"OFV + gradient, {n} subjects (warm EBEs)", flush=True)
         mlp = idr_nn_model((16, 16))
-        init = nn_init(mlp, 2)
+        init = nn_init(mlp)
         weights = {"effect$params": init["effect$params"]}
         results["gradient"] = {
             "hill": gradient_case(idr_model, pop, IDR_TRUTH, None, "reverse", 3),
@@ -148,14 +148,14 @@ def main() -> None:
     if "deepnlme_fit" in cases:
         print(f"DeepNLME (MLP 2-7-1 of C and eta_nn), {n} subjects, FOCEI fit", flush=True)
         deep = idr_nn_model((7,), n_eta_nn=1)
-        results["deepnlme_fit"] = fit_case(deep, pop, nn_init(deep, 3), "reverse", maxiter=args.maxiter)
+        results["deepnlme_fit"] = fit_case(deep, pop, nn_init(deep), "reverse", maxiter=args.maxiter)
         save()
     if "deepnlme_saem" in cases:
         print(f"DeepNLME (MLP 2-7-1 of C and eta_nn), {n} subjects, SAEM", flush=True)
         deep = idr_nn_model((7,), n_eta_nn=1)
         start = time.perf_counter()
         fit = nlmegen.fit(deep, pop, method=nlmegen.SAEM(progress=False, covariance="none", focei=False, is_draws=0),
-                          init=nn_init(deep, 3), key=jax.random.key(0))
+                          init=nn_init(deep), key=jax.random.key(0))
         total = time.perf_counter() - start
         focei_ofv = nlmegen.objective(deep, pop, fit.params)
         results["deepnlme_saem"] = {"status": fit.status, "message": fit.message, "end_to_end_s": total,

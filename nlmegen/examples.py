@@ -172,9 +172,12 @@ def idr_nn_model(hidden: tuple[int, ...] = (16, 16), *, n_eta_nn: int = 0, seed:
     ``dR/dt = kin (1 + NN(C, eta_nn)) - kout R`` with ``NN`` an :class:`MLP` of the concentration
     ``C = Central / Vc`` (and, with ``n_eta_nn > 0``, of that many extra random effects: DeepNLME,
     the seeds' "random effects as network inputs"). PK as in :func:`idr_model`; log-normal IIV on
-    ka and kout (``eta[..., 0:2]``), ``eta[..., 2:]`` go to the network. The network's weights are
+    ka and kout (``eta[..., 0:2]``, standard deviations ``omega``), ``eta[..., 2:]`` go to the
+    network. The network's random effects are standard normal, as in DeepPumas: their scale is the
+    network's first-layer weights on them (a standard deviation of its own would multiply those
+    weights, and the likelihood would be flat along their product). The network's weights are
     the population site ``effect$params``; population parameters ``log_ka, log_cl, log_vc,
-    log_kin, log_kout``, ``omega`` (``2 + n_eta_nn``), ``sigma_conc``, ``sigma_resp``. With
+    log_kin, log_kout``, ``omega`` (2), ``sigma_conc``, ``sigma_resp``. With
     ``random_effects=False`` there are no random effects (and no ``omega``): one subject, or the
     seeds' single-subject training on many regimens given as pseudo-subjects (naive pooling).
     ``weight_prior``: the standard deviation of a Normal prior on every weight (the weights are then
@@ -198,14 +201,15 @@ def idr_nn_model(hidden: tuple[int, ...] = (16, 16), *, n_eta_nn: int = 0, seed:
     def model(pop: Population) -> None:
         logs = {k: numpyro.sample(f"log_{k}", dist.Normal(c, 2.0)) for k, c in zip(names, centres, strict=True)}
         if random_effects:
-            omega = numpyro.sample("omega", dist.HalfNormal(jnp.ones(2 + n_eta_nn)).to_event(1))
+            omega = numpyro.sample("omega", dist.HalfNormal(jnp.ones(2)).to_event(1))
         sigma_conc = numpyro.sample("sigma_conc", dist.HalfNormal(1.0))
         sigma_resp = numpyro.sample("sigma_resp", dist.HalfNormal(5.0))
         effect = nn("effect", net, prior=None if weight_prior is None else dist.Normal(0.0, weight_prior))
         with subjects(pop):
             shape = (pop.n_subjects,)
             if random_effects:
-                eta = numpyro.sample("eta", dist.Normal(0.0, omega).to_event(1))
+                scale = jnp.concatenate([omega, jnp.ones(n_eta_nn)])  # the network's: N(0, 1)
+                eta = numpyro.sample("eta", dist.Normal(0.0, scale).to_event(1))
             else:
                 eta = jnp.zeros((*shape, 2 + n_eta_nn))
             p = {k: jnp.broadcast_to(jnp.exp(logs[k]), shape) for k in names}

@@ -108,7 +108,7 @@ def emax_model(pop):
 
 
 deep = idr_nn_model((8,), n_eta_nn=2, seed=0)
-deep_init = {"log_ka": 0.0, "log_cl": 0.7, "log_vc": 3.0, "log_kin": 2.3, "log_kout": -0.7, "omega": np.full(4, 0.3),
+deep_init = {"log_ka": 0.0, "log_cl": 0.7, "log_vc": 3.0, "log_kin": 2.3, "log_kout": -0.7, "omega": np.full(2, 0.3),
              "sigma_conc": 0.2, "sigma_resp": 2.0,
              "effect$params": nnx.to_pure_dict(nnx.state(deep.net, nnx.Param))}
 models = {"DeepNLME": (deep, deep_init), "Hill (true structure)": (idr_model, None), "Emax (n = 1)": (emax_model, None)}
@@ -181,8 +181,8 @@ fig.savefig(OUT / "06_heldout_individual_fits.png", dpi=110)
 
 # %% [markdown]
 # ## What the network learned: the family of drug-effect curves
-# `c -> NN(c; eta_nn)` at the fitted weights, for a grid of the two network random effects (in
-# units of their fitted standard deviations), beside the true Hill curves of subjects at the same
+# `c -> NN(c; eta_nn)` at the fitted weights, for a grid of the two network random effects (standard
+# normal, as in DeepPumas: their scale is in the network's first-layer weights), beside the true Hill curves of subjects at the same
 # quantiles of Smax and n.
 
 # %%
@@ -190,13 +190,12 @@ fit = fits["DeepNLME"]
 graphdef, state = nnx.split(deep.net, nnx.Param)
 nnx.replace_by_pure_dict(state, model_values(fit)["effect$params"])  # the fitted weights as the net's pytree
 trained = nnx.merge(graphdef, state)
-omega_nn = np.asarray(fit.params["omega"])[2:]
 conc = np.linspace(0.0, 12.0, 200)
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
 for z in (-1.5, 0.0, 1.5):
     for k in range(2):
         e = np.zeros(2)
-        e[k] = z * omega_nn[k]
+        e[k] = z
         h = jax.vmap(lambda c, e=e: trained(jnp.concatenate([c[None], jnp.asarray(e)]))[0])(jnp.asarray(conc))
         axes[k].plot(conc, np.asarray(h), label=f"eta_nn[{k}] = {z:+.1f} SD")
 smax, sc50, n_hill = np.exp(IDR_TRUTH["log_smax"]), np.exp(IDR_TRUTH["log_sc50"]), np.exp(IDR_TRUTH["log_n"])

@@ -15,7 +15,7 @@ MODEL = idr_nn_model((3,), n_eta_nn=1)
 
 def _init():
     return {"log_ka": 0.0, "log_cl": 0.7, "log_vc": 3.0, "log_kin": 2.3, "log_kout": -0.7,
-            "omega": np.full(3, 0.3), "sigma_conc": 0.1, "sigma_resp": 1.0,
+            "omega": np.full(2, 0.3), "sigma_conc": 0.1, "sigma_resp": 1.0,
             "effect$params": nnx.to_pure_dict(nnx.state(MODEL.net, nnx.Param))}
 
 
