@@ -181,9 +181,9 @@ fig.savefig(OUT / "06_heldout_individual_fits.png", dpi=110)
 
 # %% [markdown]
 # ## What the network learned: the family of drug-effect curves
-# `c -> NN(c; eta_nn)` at the fitted weights, for a grid of the two network random effects (standard
-# normal, as in DeepPumas: their scale is in the network's first-layer weights), beside the true Hill curves of subjects at the same
-# quantiles of Smax and n.
+# `c -> NN(c; eta_nn)` at the fitted weights, for a grid of the two network random effects
+# (standard normal, as in DeepPumas: their scale is in the network's first-layer weights), beside
+# the true Hill curves of subjects at the same quantiles of Smax and n.
 
 # %%
 fit = fits["DeepNLME"]
