@@ -82,3 +82,29 @@ def test_wolfe_line_search_minimises_rosenbrock_from_an_identity_start():
     assert res.success, res.message
     np.testing.assert_allclose(res.x, [1.0, 1.0], atol=1e-5)
     assert res.nit < 60
+
+
+def test_each_failed_line_search_gets_its_own_steepest_descent_restart():
+    """The restart along steepest descent is one per failure, not one per run: a long fit (network
+    weights) whose line search fails twice, hundreds of iterations apart, must not stop at the second
+    failure when a step was taken since the first (the 60-subject DeepNLME fit did)."""
+    rng = np.random.default_rng(1)
+    m = rng.normal(size=(4, 4))
+    a, b = m @ m.T + np.eye(4), rng.normal(size=4)
+    quadratic = _quadratic(a, b)
+    blocked = {"left": 0}
+
+    def fun(x):  # a whole line search of non-finite values after iterations 2 and 4
+        if blocked["left"] > 0:
+            blocked["left"] -= 1
+            return np.nan, np.full(4, np.nan), None
+        return quadratic(x)
+
+    def callback(it, x, f, g):
+        if it in (2, 4):
+            blocked["left"] = 40  # = max_backtracks: the quasi-Newton direction's search fails
+
+    x0 = np.zeros(4)
+    res = bfgs(fun, x0, quadratic(x0), np.eye(4), ftol=1e-12, callback=callback)
+    assert res.success, res.message
+    np.testing.assert_allclose(res.x, np.linalg.solve(a, b), rtol=1e-4)

@@ -152,6 +152,7 @@ def bfgs(
             h = v @ h @ v.T + rho * np.outer(s, s)
             h = 0.5 * (h + h.T)
         x, f, g, aux = x_new, f_new, g_new, aux_new
+        reset = False  # a step was taken: a later failed line search gets its own steepest-descent restart
         if callback is not None:
             callback(it, x, f, g)
         if on_state is not None:
