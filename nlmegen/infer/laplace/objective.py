@@ -555,7 +555,7 @@ def _newton_local(objective, scoring, exact, eta0: Array, max_iter: int, gtol: f
     """`_newton` with the gradient and the Newton matrix from one call per iteration.
 
     ``scoring(eta) -> (g, A, extra)``: the gradient, Fisher scoring's matrix (FOCE(I)'s ``A_i``) and
-    zeros shaped as ``exact``'s extra; ``exact(eta) -> (g, H, extra)``: the gradient, the exact
+    zeros shaped as ``exact``'s extra (``[subj, d]``); ``exact(eta) -> (g, H, extra)``: the gradient, the exact
     ``-d^2 l / d eta^2`` (symmetric; made positive definite for the step) and what else the caller wants
     from that pass. The same iteration and stopping rules as `_newton`; the sensitivity engine computes
     everything from one model run. Fisher scoring is cheap and robust far from the mode but converges
@@ -609,8 +609,10 @@ def _newton_local(objective, scoring, exact, eta0: Array, max_iter: int, gtol: f
                        slow, ~c.final & need_final, c.final | (over & ~need_final))
 
     value0 = objective(eta0)
-    g0, m0, extra0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(scoring, eta0))
-    n = eta0.shape[0]
+    # g [subj, d], the matrix [subj, d, d], extra [subj, d] (their shapes by contract: tracing
+    # ``scoring`` for them would trace the model's sensitivity solve once more)
+    n, d = eta0.shape
+    g0, m0, extra0 = jnp.zeros_like(eta0), jnp.zeros((n, d, d), eta0.dtype), jnp.zeros_like(eta0)
     false = jnp.zeros((), bool)
     init = _Search(eta0, value0, g0, m0, extra0, jnp.zeros((), int), ~jnp.isfinite(value0), jnp.zeros(n, bool),
                    jnp.full(n, jnp.inf), false, false, false)
