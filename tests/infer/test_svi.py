@@ -102,8 +102,8 @@ NUTS_REFERENCE = {"tka": (0.467, 0.228), "tcl": (1.010, 0.101), "tv": (3.454, 0.
 def test_default_guide_passes_pareto_k_and_matches_nuts(theo):
     """The default guide (4-flow IAF, learned centring) passes k-hat on theo_sd and its posterior
     means and SDs agree with NUTS: means within 0.25 NUTS SDs, SDs within 25% (issue 18). With
-    keys 0-3 the default's k-hat was 0.25, 0.61, 0.51, 0.74 (threshold 0.67 for 1000 draws): it
-    passes on most keys, not all; key 0 is the one checked here."""
+    keys 0-7 the default's k-hat was 0.25, 0.61, 0.51, 0.74, 0.56, 1.06, 0.58, 0.64 (threshold 0.67
+    for 1000 draws): it passes on most keys (6 of 8), not all; key 0 is the one checked here."""
     from nlmegen.infer.bayes.svi import good_k
 
     fit = SVI(progress=False).fit(nlmegen.examples.theo_model, theo, key=jax.random.key(0))
