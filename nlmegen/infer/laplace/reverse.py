@@ -19,16 +19,6 @@ For FO, FOCE and FOCEI on any model (ODE models through the sensitivity-augmente
    is vmapped over subjects, each seeing a one-subject population, so the per-subject gradients
    (BHHH start, S matrix of the covariance step) come at the cost of the summed one.
 
-The OFV returned is ``sum_i L_i`` in value too, not ``sum_i F_i``: the search stops at ``eta`` within
-the ODE solver's noise of the mode, not at it, and ``L_i = F_i(eta) + lambda_i' g``, ``g = d l_i /
-d eta``, is the first-order Taylor estimate of ``F_i`` at the one-Newton-step estimate ``eta + H^-1 g``
-of the mode (its error, ``-g' H^-1 g`` from ``F_i``'s ``-2 l_i`` and O(|g|^2) from ``log|A_i|``, is of
-the size of the search's last Newton decrement, below 1e-6 at the noise floor). So the value and the
-gradient are of the same function: with ``F_i`` alone the value's slope along a short outer step is
-the partial derivative at the stale ``eta`` (a subject at the noise floor takes no EBE step there),
-not the total derivative the gradient gives, and on network models BFGS' line searches failed at
-gradients of 3-60 for that reason (DeepNLME, 20 and 60 subjects).
-
 The cost of 3 does not grow with the number of population parameters (network weights included):
 the forward engine (`backend`) pushes one tangent per parameter through every solve.
 """
@@ -84,8 +74,8 @@ def reverse_value_and_grad(objective: Objective, use_map: bool, free_idx: np.nda
             else:
                 loc = objective.local(theta, eta, pop, var0_of(theta, pop, None))
                 ofv = objective.local_ofv(loc, pop)[0]
-                # F_i at the Newton-corrected mode (see the module docstring): value and gradient agree
-                ofv = ofv + jnp.dot(lam[0], loc.grad[0])
+                correction = jnp.dot(lam[0], loc.grad[0])
+                ofv = ofv + correction - jax.lax.stop_gradient(correction)
             return ofv + map_penalty(theta, pop, n_subjects)
 
         var0 = var0_of(theta, pop, fwd)
