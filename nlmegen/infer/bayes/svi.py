@@ -148,10 +148,10 @@ class SVI:
     ELBO alone says the optimiser stopped, not that the guide approximates the posterior (on
     theo_sd the mean-field guide stops with k-hat 3.3 and posterior SDs 3-5x too narrow; the
     full-rank Gaussian with learned centring k-hat 1.0-1.2; the default IAF 0.25-0.74 over four
-    keys, passing on three, with posterior SDs 0.86-1.01 times those of NUTS; over eight keys it passes
-    on six, and no cheap change passes on all: 32 particles 7 of 8 at 2.5x the time, 8 flows 6,
-    40000 steps 5). The learned
-    centring of each random-effect site is in ``settings["centering"]``.
+    keys, passing on three, with posterior SDs 0.86-1.01 times those of NUTS; over eight keys it
+    passes on six, and no cheap change passes on all: 32 particles 7 of 8 at 2.5x the time, 8 flows
+    6, 40000 steps 5). The learned centring of each random-effect site is in
+    ``settings["centering"]``.
     Timings: ``compile_s`` (the optimisation step, compiled once), ``run_s`` (the optimisation),
     ``draws_s`` (drawing from the guide and the summaries).
 
