@@ -133,3 +133,29 @@ def test_models_without_random_effects(pop):
     # the OFV is -2 log p(y | theta) without NONMEM's constant
     fit = nlmegen.fit(UDE, pop, method=nlmegen.FOCEI(progress=False, covariance="none", maxiter=30), init=init)
     assert np.isfinite(fit.ofv) and fit.ofv < ofv
+
+
+def test_reverse_ofv_slope_at_stale_ebes_is_the_total_derivative(pop):
+    """Where the EBE search takes no step (a subject at the ODE's noise floor), the OFV at a nearby
+    theta is evaluated at the old EBEs. Its slope must still be the total derivative the reverse pass
+    returns (the value carries ``lambda' dl/deta``, see `reverse`); the plain ``F_i`` at stale EBEs has
+    the partial derivative's slope instead, and BFGS' line searches failed on that mismatch."""
+    from nlmegen.infer.laplace.objective import Objective
+    from nlmegen.infer.laplace.reverse import reverse_value_and_grad
+
+    problem, x = _problem(nlmegen.FOCEI(engine="reverse", progress=False), pop)
+    grad = _gradient(problem, x)
+    eta_star = problem.eta
+    # no EBE iteration: the OFV at the EBEs it is given, which the search accepts as converged (as it
+    # does at the noise floor; the value carries the term only for converged subjects)
+    stale = jax.jit(reverse_value_and_grad(Objective(problem.density, "focei", 0, 1e-2), False,
+                                           np.flatnonzero(problem.free)))
+    direction = np.cos(np.arange(x.size))
+    h = 1e-6  # the EBEs' gradient moves by about 1e4 h: stays within the search's convergence test
+    values = []
+    for k in (1, -1):
+        out = stale(jnp.asarray(x + k * h * direction), jnp.asarray(problem.theta0), eta_star, pop)
+        assert bool(np.all(out[3].converged))
+        values.append(float(out[0]))
+    slope = (values[0] - values[1]) / (2 * h)
+    assert slope == pytest.approx(float(grad @ direction), rel=1e-5)
