@@ -108,3 +108,29 @@ def test_each_failed_line_search_gets_its_own_steepest_descent_restart():
     res = bfgs(fun, x0, quadratic(x0), np.eye(4), ftol=1e-12, callback=callback)
     assert res.success, res.message
     np.testing.assert_allclose(res.x, np.linalg.solve(a, b), rtol=1e-4)
+
+
+def test_after_a_cut_step_the_next_line_search_starts_from_twice_the_step_taken():
+    """Where the unit step overshoots (an inverse Hessian 50x too large), a line search that had to
+    cut its first trial makes the next one start from twice the step it took, not from 1 (on network
+    weights every unit step overshot: half of all evaluations were rejected trials); once steps are
+    accepted whole the first trial doubles back to 1."""
+    a, b = np.diag([1.0, 3.0]), np.array([1.0, -2.0])
+    fun = _quadratic(a, b)
+    trials, states = [], []
+
+    def recorded(x):
+        trials.append(np.array(x))
+        return fun(x)
+
+    x0 = np.zeros(2)
+    res = bfgs(recorded, x0, fun(x0), 50.0 * np.eye(2), max_step=1e3, ftol=1e-14, on_state=states.append)
+    assert res.success
+    np.testing.assert_allclose(res.x, np.linalg.solve(a, b), atol=1e-6)
+    first = states[0]
+    assert 0 < first.short_step < 0.5  # the unit step was cut
+    # the second line search's first trial: x1 + 2 * short_step * (-H1 g1)
+    expected = first.x - 2.0 * first.short_step * (first.h @ first.g)
+    n_first = next(i for i, t in enumerate(trials) if np.allclose(t, first.x)) + 1
+    np.testing.assert_allclose(trials[n_first], expected, rtol=1e-12)
+    assert states[-1].short_step == 0.0  # back to the unit step at the end

@@ -49,6 +49,10 @@ class BFGSState:
     h: np.ndarray
     it: int
     reset: bool
+    #: the last iteration's step length if its line search started from a remembered step below 1 or
+    #: cut its first trial, else 0 (sets the next first trial step, see `_first_step`; 0 in checkpoints
+    #: written before it)
+    short_step: float = 0.0
 
 
 def bhhh_inverse(subject_grads: np.ndarray) -> np.ndarray:
@@ -107,12 +111,14 @@ def bfgs(
     if resume is not None:
         x, f, g, aux, h, reset, done = resume.x.copy(), resume.f, resume.g, resume.aux, resume.h.copy(), \
             resume.reset, resume.it
+        short_step = resume.short_step
     else:
         x = np.asarray(x0, dtype=float).copy()
         f, g, aux = first
         if not np.isfinite(f) or not np.all(np.isfinite(g)):
             return BFGSResult(x, f, g, hess_inv0, False, "objective or gradient not finite at the start", 0, aux)
         h, reset, done = hess_inv0.copy(), False, 0
+        short_step = 0.0
     eye = np.eye(x.size)
     for it in range(done + 1, maxiter + 1):
         direction = -h @ g
@@ -128,10 +134,12 @@ def bfgs(
         # longer step is a change by a factor e or more that no fit needs; far-out trial points cost
         # many EBE iterations and can leave subjects at poor local modes
         alpha_max = max_step / float(np.max(np.abs(direction)))
+        remembered = _first_step(short_step)
+        alpha0 = min(alpha_max, remembered)
         if line_search == "wolfe":
-            accepted = _wolfe(fun, x, f, slope, direction, min(1.0, alpha_max), alpha_max, max_backtracks)
+            accepted = _wolfe(fun, x, f, slope, direction, alpha0, alpha_max, max_backtracks)
         else:
-            accepted = _armijo(fun, x, f, slope, direction, min(1.0, alpha_max), max_backtracks)
+            accepted = _armijo(fun, x, f, slope, direction, alpha0, max_backtracks)
         if accepted is None:
             if decrease <= 100.0 * ftol:
                 return BFGSResult(x, f, g, h, True, f"converged to the objective's rounding floor: predicted further "
@@ -143,6 +151,10 @@ def bfgs(
                               f"direction (predicted decrease {decrease:.2g})", it - 1, aux)
         x_new, f_new, g_new, aux_new = accepted
         s, y = x_new - x, g_new - g
+        taken = float(np.max(np.abs(s)) / np.max(np.abs(direction)))
+        # remembered while the line search cuts its first trial, or starts from the remembered step
+        # (not where only `max_step` shortened it: that bound moves with the direction)
+        short_step = taken if taken < 0.999 * alpha0 or remembered < min(1.0, alpha_max) else 0.0
         sy = float(s @ y)
         if sy > 1e-10 * np.linalg.norm(s) * np.linalg.norm(y):  # curvature condition: update H (N&W eq. 6.17)
             if rescale_first and it == 1:  # a scaled identity from the first step's curvature (N&W eq. 6.20)
@@ -156,10 +168,27 @@ def bfgs(
         if callback is not None:
             callback(it, x, f, g)
         if on_state is not None:
-            on_state(BFGSState(x, f, g, aux, h, it, reset))
+            on_state(BFGSState(x, f, g, aux, h, it, reset, short_step))
     decrease = 0.5 * float(g @ h @ g)
     return BFGSResult(x, f, g, h, False, f"maximum number of iterations ({maxiter}) reached; predicted further "
                       f"OFV decrease {decrease:.2g}", maxiter, aux)
+
+
+def _first_step(short_step: float) -> float:
+    """The first trial step of a line search: the unit step (quasi-Newton's natural step), unless the
+    last line search cut its first trial or itself started from such a step (``short_step``, the
+    step it took); then twice that step, at most 1: a remembered step length that doubles back to the unit
+    step while steps are accepted, like a trust region's radius.
+
+    On network weights (DeepNLME, 2-7-1 MLP, 60 subjects) the unit step (or the step to the largest
+    change ``max_step`` allowed) overshot in almost every iteration, by factors of 10-100 (trial OFVs
+    of +300 to +8000 near -800, their EBE searches 11-25 iterations): half of all evaluations were
+    rejected trials. 30 iterations from the joint-mode start: 61 evaluations, 190 s, OFV -815.13
+    with the unit step; 43 evaluations, 139 s, -819.28 with this rule; 36 evaluations, 124 s,
+    -814.65 with Nocedal & Wright's eq. 3.60 (``2 (f_{k-1} - f_k) / -phi'(0)``), whose steps shrank
+    to 3e-5 of the unit step for 8 iterations on the way.
+    """
+    return min(1.0, 2.0 * short_step) if short_step > 0 else 1.0
 
 
 def _finite(f, g) -> bool:
